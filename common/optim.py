@@ -1,0 +1,195 @@
+"""Optimizer for every model here: AdamW, linear warmup + cosine decay, masked weight decay,
+global-norm clipping and gradient accumulation.
+
+Defaults follow CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision", sec. 2.5 and table 19): AdamW (Loshchilov & Hutter 2019) with decoupled weight decay
+applied to "all weights that are not gains or biases", a cosine learning-rate schedule, b1=0.9,
+b2=0.98, eps=1e-6, weight decay 0.2, 2000 warmup steps. DALL·E (Ramesh et al. 2021, appendix B.2)
+uses the same recipe with b2=0.96, eps=1e-8, weight decay 4.5e-2, clipping at norm 4 and 5000
+warmup steps; its experiment configs override these fields.
+
+Decay follows PyTorch's ``AdamW``: the decoupled decay is scaled by the scheduled learning rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+#: Lowercase substrings of a parameter path that exclude it from weight decay. Together with the
+#: ``ndim < 2`` rule this skips biases, norm gains (flax ``scale``; modules named LayerNorm, norm*,
+#: ln_*), embedding tables (``nn.Embed``'s ``embedding``, ``token_embedding``,
+#: ``positional_embedding``, ``class_embedding``, ``pos_embed``) and the contrastive temperature
+#: and bias (``logit_scale``, ``logit_bias``, ``temperature``).
+DEFAULT_NO_DECAY_NAMES: tuple[str, ...] = ("bias", "scale", "norm", "ln_", "embed", "logit_", "temperature")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer hyperparameters. Steps count optimizer updates, not micro-batches."""
+
+    learning_rate: float = 5e-4  # peak learning rate, reached at the end of warmup
+    warmup_steps: int = 2000  # linear warmup from 0 to learning_rate
+    total_steps: int = 100_000  # warmup + cosine decay; the rate stays at the final value afterwards
+    end_lr_ratio: float = 0.0  # final learning rate = learning_rate * end_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-6
+    weight_decay: float = 0.2  # decoupled, multiplied by the scheduled learning rate
+    grad_clip_norm: float | None = 1.0  # clip the (accumulated) gradient's global norm; None: no clipping
+    accum_steps: int = 1  # micro-batches per update when accumulating with optax.MultiSteps
+    no_decay_names: tuple[str, ...] = DEFAULT_NO_DECAY_NAMES  # see decay_mask
+
+    def __post_init__(self):
+        checks = [
+            (self.learning_rate > 0, "learning_rate > 0"),
+            (self.total_steps > 0, "total_steps > 0"),
+            (0 <= self.warmup_steps <= self.total_steps, "0 <= warmup_steps <= total_steps"),
+            (0.0 <= self.end_lr_ratio <= 1.0, "0 <= end_lr_ratio <= 1"),
+            (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "0 <= b1, b2 < 1"),
+            (self.eps > 0, "eps > 0"),
+            (self.weight_decay >= 0, "weight_decay >= 0"),
+            (self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm > 0 or None"),
+            (self.accum_steps >= 1, "accum_steps >= 1"),
+        ]
+        for ok, rule in checks:
+            if not ok:
+                raise ValueError(f"invalid OptimConfig: expected {rule}, found {self}")
+        object.__setattr__(self, "no_decay_names", tuple(self.no_decay_names))
+
+    @classmethod
+    def from_any(cls, cfg: OptimConfig | Mapping[str, Any] | Any) -> OptimConfig:
+        """Builds a config from itself, a dict or an ``ml_collections.ConfigDict``; missing fields keep
+        their defaults, unknown fields are an error (they are usually typos)."""
+        if isinstance(cfg, cls):
+            return cfg
+        values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(
+                f"unknown optimizer config fields {unknown}; expected a subset of {sorted(fields)}: "
+                "fix the name or remove the field from the experiment config"
+            )
+        return cls(**values)
+
+
+def make_schedule(cfg: OptimConfig | Mapping[str, Any] | Any) -> optax.Schedule:
+    """Learning rate per optimizer update: linear 0 -> peak over ``warmup_steps``, then a half cosine
+    from peak to ``peak * end_lr_ratio`` at ``total_steps``, constant after that.
+
+    lr(t) = peak * t / W                                         for t < W
+    lr(t) = end + (peak - end) * (1 + cos(pi * (t - W) / (T - W))) / 2   for W <= t <= T
+    """
+    cfg = OptimConfig.from_any(cfg)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.total_steps,
+        end_value=cfg.learning_rate * cfg.end_lr_ratio,
+    )
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/").lower()
+
+
+def decay_mask(params: Any, no_decay_names: Sequence[str] = DEFAULT_NO_DECAY_NAMES) -> Any:
+    """Which parameters get weight decay: a pytree of bools shaped like ``params``.
+
+    A leaf is decayed iff it has ``ndim >= 2`` (weight matrices, conv kernels) and its lowercased
+    ``/``-joined path (e.g. ``visual/conv1/kernel``) contains none of ``no_decay_names``. The ndim
+    rule alone excludes 1-D biases, norm gains and scalars such as ``logit_scale``; the names exclude
+    2-D embedding tables (``token_embedding/embedding``, ``positional_embedding``) and the 2-D
+    ``(heads, head_dim)`` biases of ``nn.DenseGeneral`` attention projections, following CLIP's
+    "all weights that are not gains or biases" plus the common practice of not decaying embeddings.
+    Works on flax ``Partitioned``-boxed trees too (the box adds a harmless ``value`` path entry).
+    """
+    names = tuple(n.lower() for n in no_decay_names)
+
+    def rule(path, leaf):
+        name = _path_name(path)
+        return jnp.ndim(leaf) >= 2 and not any(n in name for n in names)
+
+    return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def make_optimizer(cfg: OptimConfig | Mapping[str, Any] | Any) -> optax.GradientTransformation:
+    """``clip_by_global_norm -> AdamW(schedule, masked decay)``, wrapped in ``optax.MultiSteps`` when
+    ``accum_steps > 1``.
+
+    With ``MultiSteps`` the step function is called once per micro-batch: gradients are averaged in
+    the optimizer state and an update is applied every ``accum_steps`` calls (zeros in between), so
+    clipping and the schedule see the accumulated gradient and count real updates. Alternatively keep
+    ``accum_steps=1`` and accumulate inside one jitted step with :func:`accumulate_gradients`, which
+    needs no extra optimizer state and compiles to a single call per update.
+    """
+    cfg = OptimConfig.from_any(cfg)
+    adamw = optax.adamw(
+        learning_rate=make_schedule(cfg),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=functools.partial(decay_mask, no_decay_names=cfg.no_decay_names),
+    )
+    tx = adamw if cfg.grad_clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+    if cfg.accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.accum_steps)
+    return tx
+
+
+def accumulate_gradients(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    batch: Any,
+    num_micro_batches: int,
+    *,
+    rng: jax.Array | None = None,
+    has_aux: bool = False,
+) -> tuple[Any, Any]:
+    """Mean loss and gradient of ``loss_fn`` over ``batch``, computed in ``num_micro_batches`` pieces.
+
+    ``loss_fn(params, micro_batch[, rng])`` returns a scalar loss (or ``(loss, aux)`` with
+    ``has_aux``). Every leaf of ``batch`` is split along axis 0 into equal micro-batches, scanned
+    with ``jax.lax.scan`` so only one micro-batch's activations are live, and the losses, gradients
+    (and aux values) are averaged. When the loss is a mean over examples this equals the full-batch
+    gradient. It does *not* for losses that couple examples, such as CLIP's contrastive loss, whose
+    negatives are the whole batch: accumulation there shrinks the effective batch.
+
+    Micro-batch ``i`` takes examples ``i, i + k, i + 2k, ...`` (k = ``num_micro_batches``), so a batch
+    sharded along axis 0 stays evenly spread over devices in every micro-batch (each device's rows
+    must be divisible by k). With ``rng``, micro-batch ``i`` gets ``jax.random.fold_in(rng, i)``.
+    """
+    k = num_micro_batches
+    sizes = {x.shape[0] for x in jax.tree_util.tree_leaves(batch)}
+    if len(sizes) != 1 or next(iter(sizes)) % k:
+        raise ValueError(
+            f"expected every batch leaf to share a leading size divisible by num_micro_batches={k}, "
+            f"found leading sizes {sorted(sizes)}; change the batch size or num_micro_batches"
+        )
+
+    def split(x):  # (B, ...) -> (k, B / k, ...), micro-batch i = rows i::k
+        return jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+
+    micro_batches = jax.tree_util.tree_map(split, batch)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+    def body(carry, xs):
+        index, micro_batch = xs
+        args = (params, micro_batch) if rng is None else (params, micro_batch, jax.random.fold_in(rng, index))
+        value, grads = grad_fn(*args)
+        carry = jax.tree_util.tree_map(jnp.add, carry, grads)
+        return carry, value
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    grad_sum, values = jax.lax.scan(body, zeros, (jnp.arange(k), micro_batches))
+    grads = jax.tree_util.tree_map(lambda g: g / k, grad_sum)
+    return jax.tree_util.tree_map(lambda v: jnp.mean(v, axis=0), values), grads

@@ -1,0 +1,189 @@
+"""Optimizer: schedule values, decay mask, decay/clipping behaviour, gradient accumulation."""
+
+import dataclasses
+import math
+
+import jax
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from common.optim import OptimConfig, accumulate_gradients, decay_mask, make_optimizer, make_schedule
+
+
+def _clip_like_params():
+    """Flax-style names from a CLIP model, with realistic ranks."""
+    f = lambda *shape: jnp.ones(shape, jnp.float32)  # noqa: E731
+    return {
+        "visual": {
+            "conv1": {"kernel": f(4, 4, 3, 8)},
+            "ln_pre": {"scale": f(8), "bias": f(8)},
+            "class_embedding": f(8),
+            "positional_embedding": f(5, 8),
+            # nn.DenseGeneral attention projections: 3-D kernels and 2-D (heads, head_dim) biases.
+            "transformer": {"resblocks_0": {"attn": {"query": {"kernel": f(8, 2, 4), "bias": f(2, 4)}}}},
+            "proj": f(8, 6),
+        },
+        "token_embedding": {"embedding": f(50, 8)},
+        "ln_final": {"scale": f(8), "bias": f(8)},
+        "LayerNorm_0": {"scale": f(8), "bias": f(8)},
+        "logit_scale": jnp.asarray(math.log(1 / 0.07), jnp.float32),
+        "logit_bias": jnp.asarray(-10.0, jnp.float32),
+        "mlp": {"c_fc": {"kernel": f(8, 32), "bias": f(32)}},
+    }
+
+
+DECAYED = {"visual/conv1/kernel", "visual/transformer/resblocks_0/attn/query/kernel", "visual/proj", "mlp/c_fc/kernel"}
+
+
+def _by_path(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): v for p, v in flat}
+
+
+def test_schedule_matches_closed_form():
+    peak, warmup, total, ratio = 3e-4, 100, 1100, 0.1
+    schedule = make_schedule(OptimConfig(learning_rate=peak, warmup_steps=warmup, total_steps=total, end_lr_ratio=ratio))
+    end = peak * ratio
+
+    def expected(t):
+        if t < warmup:
+            return peak * t / warmup
+        progress = min(t - warmup, total - warmup) / (total - warmup)
+        return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    assert float(schedule(0)) == 0.0
+    for t in [0, 1, 50, warmup, 350, warmup + (total - warmup) // 2, 900, total, total + 500]:
+        np.testing.assert_allclose(float(schedule(t)), expected(t), rtol=1e-5, atol=1e-12, err_msg=f"step {t}")
+    np.testing.assert_allclose(float(schedule(warmup)), peak, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(warmup + (total - warmup) // 2)), (peak + end) / 2, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(total)), end, rtol=1e-5)
+
+
+def test_config_from_configdict_and_errors():
+    cd = ml_collections.ConfigDict({"learning_rate": 1e-3, "warmup_steps": 10, "total_steps": 20, "accum_steps": 2})
+    cfg = OptimConfig.from_any(cd)
+    assert cfg == OptimConfig(learning_rate=1e-3, warmup_steps=10, total_steps=20, accum_steps=2)
+    assert isinstance(make_optimizer(cd), optax.MultiSteps)
+    with pytest.raises(ValueError, match=r"unknown optimizer config fields \['learning_rat'\]"):
+        OptimConfig.from_any({"learning_rat": 1e-3})
+    with pytest.raises(ValueError, match="warmup_steps <= total_steps"):
+        OptimConfig(warmup_steps=10, total_steps=5)
+
+
+def test_decay_mask_on_clip_params():
+    params = _clip_like_params()
+    mask = _by_path(decay_mask(params))
+    assert set(mask) == set(_by_path(params))
+    assert {path for path, decayed in mask.items() if decayed} == DECAYED
+    # Logically partitioned (boxed) parameters, as model code creates them, get the same mask.
+    boxed = jax.tree_util.tree_map(lambda x: nn.Partitioned(x, (None,) * x.ndim), params)
+    boxed_mask = _by_path(decay_mask(boxed))
+    assert {path.removesuffix("/value") for path, decayed in boxed_mask.items() if decayed} == DECAYED
+    # Configurable: with no excluded names only the ndim rule remains, so 2-D embeddings and 2-D
+    # attention biases are decayed.
+    mask = _by_path(decay_mask(_clip_like_params(), no_decay_names=()))
+    assert {path for path, decayed in mask.items() if decayed} == DECAYED | {
+        "visual/positional_embedding",
+        "token_embedding/embedding",
+        "visual/transformer/resblocks_0/attn/query/bias",
+    }
+
+
+def test_decay_shrinks_only_decayed_leaves():
+    params = _clip_like_params()
+    lr, wd = 0.1, 0.5
+    tx = make_optimizer(OptimConfig(learning_rate=lr, warmup_steps=0, total_steps=10, weight_decay=wd, end_lr_ratio=1.0))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    new = _by_path(optax.apply_updates(params, updates))
+    old = _by_path(params)
+    for path in old:
+        if path in DECAYED:  # decoupled decay: p <- p - lr * wd * p
+            np.testing.assert_allclose(new[path], old[path] * (1 - lr * wd), rtol=1e-6, err_msg=path)
+        else:
+            np.testing.assert_array_equal(new[path], old[path], err_msg=path)
+
+
+def test_clipping_bounds_the_update():
+    params = {"w": jnp.zeros((4, 4)), "b": jnp.zeros((4,))}
+    grads = {"w": jnp.full((4, 4), 100.0), "b": jnp.full((4,), -50.0)}
+    clip = 0.5
+    # With b1 = b2 = 0 Adam's first step is -lr * g / (|g| + eps), so with eps = 1 the update keeps the
+    # gradient's scale and shows whether clipping happened first.
+    cfg = OptimConfig(learning_rate=1.0, warmup_steps=0, total_steps=10, end_lr_ratio=1.0, b1=0.0, b2=0.0,
+                      eps=1.0, weight_decay=0.0, grad_clip_norm=clip)
+    norm = math.sqrt(16 * 100.0**2 + 4 * 50.0**2)
+    for grad_clip_norm, scale in ((clip, clip / norm), (None, 1.0)):
+        tx = make_optimizer(dataclasses.replace(cfg, grad_clip_norm=grad_clip_norm))
+        updates, _ = tx.update(grads, tx.init(params), params)
+        for name, g in grads.items():
+            c = np.asarray(g) * scale
+            np.testing.assert_allclose(updates[name], -c / (np.abs(c) + 1.0), rtol=1e-5, err_msg=name)
+        if grad_clip_norm is not None:
+            assert float(optax.tree.norm(updates)) < clip
+        else:
+            assert float(optax.tree.norm(updates)) > 4 * clip
+
+
+def _loss(params, batch):
+    hidden = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])  # (b, H)
+    pred = hidden @ params["w2"]  # (b, 1)
+    return jnp.mean((pred[:, 0] - batch["y"]) ** 2)
+
+
+def test_accumulation_equals_full_batch_gradient():
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = {"w1": jax.random.normal(keys[0], (5, 16)), "b1": jnp.zeros(16), "w2": jax.random.normal(keys[1], (16, 1))}
+    batch = {"x": jax.random.normal(keys[2], (24, 5)), "y": jax.random.normal(keys[3], (24,))}
+    loss, grads = jax.jit(jax.value_and_grad(_loss))(params, batch)
+    for k in (1, 3, 8):
+        acc_loss, acc_grads = jax.jit(accumulate_gradients, static_argnums=(0, 3))(_loss, params, batch, k)
+        np.testing.assert_allclose(acc_loss, loss, rtol=1e-6)
+        for name in params:
+            np.testing.assert_allclose(acc_grads[name], grads[name], rtol=1e-5, atol=1e-6, err_msg=f"k={k} {name}")
+    with pytest.raises(ValueError, match="divisible by num_micro_batches=5"):
+        accumulate_gradients(_loss, params, batch, 5)
+
+
+def test_accumulation_rng_and_aux():
+    params = {"w": jnp.ones(3)}
+    batch = {"x": jnp.arange(12.0).reshape(4, 3)}
+
+    def loss_fn(p, micro, rng):
+        noise = jax.random.uniform(rng)
+        return jnp.mean(micro["x"] @ p["w"]) * noise, noise
+
+    rng = jax.random.key(1)
+    (loss, noise), _ = accumulate_gradients(loss_fn, params, batch, 2, rng=rng, has_aux=True)
+    noises = [jax.random.uniform(jax.random.fold_in(rng, i)) for i in range(2)]
+    assert noises[0] != noises[1]
+    np.testing.assert_allclose(noise, np.mean(noises), rtol=1e-6)
+    # Micro-batch i holds rows i::2.
+    expected = np.mean([np.mean(batch["x"][i::2] @ params["w"]) * noises[i] for i in range(2)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_multisteps_updates_every_k_steps():
+    k = 3
+    params = {"w": jnp.ones((2, 2))}
+    cfg = OptimConfig(learning_rate=0.1, warmup_steps=0, total_steps=100, weight_decay=0.0, accum_steps=k)
+    tx = make_optimizer(cfg)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    single = make_optimizer(dataclasses.replace(cfg, accum_steps=1))
+    grads = [{"w": jnp.full((2, 2), g)} for g in (1.0, 2.0, 6.0)]
+    for step in range(2 * k):
+        updates, state = update(grads[step % k], state, params)
+        changed = bool(jnp.any(updates["w"] != 0))
+        assert changed == (step % k == k - 1), f"step {step}"
+    # The applied update equals one plain step on the mean gradient.
+    mean = {"w": jnp.full((2, 2), 3.0)}
+    expected, _ = single.update(mean, single.init(params), params)
+    state = tx.init(params)
+    for g in grads:
+        updates, state = update(g, state, params)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
