@@ -1,0 +1,165 @@
+"""Write a captioned-image dataset to disk: image folders and webdataset tar shards.
+
+A dataset here is any random-access sequence of dicts with `image` (uint8
+(H, W, 3), (H, W, 1) or (H, W)), `caption` (str) and any number of
+JSON-serialisable labels, such as `common.data.shapes.ShapesDataset`.
+
+Two layouts:
+
+* `write_image_folder`: `root/<class>/<key>.png` (torchvision ImageFolder /
+  tfds `ImageFolder` style) plus `captions.tsv` (`relative/path<TAB>caption`)
+  and `labels.jsonl` (one JSON object per image).
+* `write_tar_shards`: `shard-00000.tar`, ... in the webdataset / img2dataset
+  layout: each example is the members `<key>.png|jpg`, `<key>.txt` (caption)
+  and `<key>.json` (caption and labels), with `key` the zero-padded index.
+
+Outputs are byte-for-byte reproducible (tar headers carry no time or owner),
+and every file is written under a temporary name and renamed into place, so an
+interrupted run never leaves a half-written shard that looks complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tarfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}
+KEY_DIGITS = 9  # img2dataset's key width: up to a billion examples
+
+
+def example_key(index: int) -> str:
+    """The zero-padded key of example `index`, shared by both layouts."""
+    return f"{index:0{KEY_DIGITS}d}"
+
+
+def encode_image(image: np.ndarray, image_format: str = "png", jpeg_quality: int = 95) -> bytes:
+    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> PNG (lossless) or JPEG bytes."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"Expected image_format in {tuple(IMAGE_FORMATS)}, found {image_format!r}.")
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or not (
+            image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3))):
+        raise ValueError("Expected a uint8 image of shape (H, W), (H, W, 1) or (H, W, 3), "
+                         f"found {image.dtype} {image.shape}.")
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    buf = io.BytesIO()
+    options = {"quality": jpeg_quality} if image_format == "jpg" else {}
+    Image.fromarray(image).save(buf, format=IMAGE_FORMATS[image_format], **options)
+    return buf.getvalue()
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return value
+
+
+def example_metadata(example: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """Everything but the image, JSON-ready: `{"key", "caption", <labels>...}`."""
+    caption = example.get("caption")
+    if not isinstance(caption, str):
+        raise ValueError(f"Expected example {key} to have a str 'caption', found {type(caption).__name__}.")
+    meta = {"key": key}
+    meta.update((k, _json_value(v)) for k, v in example.items() if k != "image")
+    return meta
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_image_folder(dataset: Sequence[Mapping[str, Any]], root: str | os.PathLike,
+                       by: str | None = "shape") -> list[str]:
+    """Writes one PNG per example into `root/<example[by]>/`, or into `root/` if `by` is None.
+
+    Spaces in class names become underscores ("top left corner" ->
+    "top_left_corner"). Also writes `root/captions.tsv` and `root/labels.jsonl`
+    (each line: key, path relative to `root`, caption and labels), in index order.
+
+    Returns:
+      The paths of the PNGs written, in index order.
+    """
+    root = os.fspath(root)
+    os.makedirs(root, exist_ok=True)
+    paths, captions, labels = [], [], []
+    for index in tqdm(range(len(dataset)), desc=f"writing {root}", unit="img", disable=None):
+        example = dataset[index]
+        key = example_key(index)
+        meta = example_metadata(example, key)
+        if "\t" in meta["caption"] or "\n" in meta["caption"]:
+            raise ValueError(f"Caption of example {key} contains a tab or newline, which "
+                             f"captions.tsv cannot hold: {meta['caption']!r}.")
+        folder = ""
+        if by is not None:
+            if not isinstance(example.get(by), str):
+                raise ValueError(f"Expected every example to have a str label {by!r} to group by, "
+                                 f"found {example.get(by)!r} in example {key}.")
+            folder = example[by].replace(" ", "_")
+            os.makedirs(os.path.join(root, folder), exist_ok=True)
+        relative = os.path.join(folder, f"{key}.png")
+        _write_atomically(os.path.join(root, relative), encode_image(example["image"], "png"))
+        paths.append(os.path.join(root, relative))
+        captions.append(f"{relative}\t{meta['caption']}\n")
+        labels.append(json.dumps({"path": relative, **meta}, sort_keys=True) + "\n")
+    _write_atomically(os.path.join(root, "captions.tsv"), "".join(captions).encode("utf-8"))
+    _write_atomically(os.path.join(root, "labels.jsonl"), "".join(labels).encode("utf-8"))
+    return paths
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar_shards(dataset: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
+                     examples_per_shard: int = 1000, image_format: str = "png",
+                     jpeg_quality: int = 95) -> list[str]:
+    """Writes webdataset-style shards `out_dir/shard-00000.tar`, ... and returns their paths.
+
+    Shard `s` holds examples `s * examples_per_shard` onwards, each as
+    `<key>.<image_format>`, `<key>.txt` (the caption, UTF-8) and `<key>.json`
+    (`example_metadata`: key, caption and every label).
+    """
+    if examples_per_shard < 1:
+        raise ValueError(f"Expected examples_per_shard >= 1, found {examples_per_shard}.")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"Expected image_format in {tuple(IMAGE_FORMATS)}, found {image_format!r}.")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    num_shards = math.ceil(len(dataset) / examples_per_shard)
+    paths = []
+    progress = tqdm(total=len(dataset), desc=f"writing {out_dir}", unit="img", disable=None)
+    for shard in range(num_shards):
+        path = os.path.join(out_dir, f"shard-{shard:05d}.tar")
+        tmp = path + ".tmp"
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            start = shard * examples_per_shard
+            for index in range(start, min(start + examples_per_shard, len(dataset))):
+                example = dataset[index]
+                key = example_key(index)
+                meta = example_metadata(example, key)
+                _add_member(tar, f"{key}.{image_format}",
+                            encode_image(example["image"], image_format, jpeg_quality))
+                _add_member(tar, f"{key}.txt", meta["caption"].encode("utf-8"))
+                _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+                progress.update()
+        os.replace(tmp, path)
+        paths.append(path)
+    progress.close()
+    return paths

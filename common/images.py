@@ -1,0 +1,314 @@
+"""Image decoding, CLIP preprocessing and PNG grids (PIL + numpy only).
+
+`clip_preprocess` reproduces, pixel for pixel, the transform OpenAI CLIP applies
+to every image (`clip/clip.py`, `_transform(n_px)`):
+
+    Compose([Resize(n_px, interpolation=BICUBIC), CenterCrop(n_px),
+             _convert_image_to_rgb, ToTensor(),
+             Normalize(CLIP_MEAN, CLIP_STD)])
+
+on torchvision's PIL code path, returned channels-last (H, W, 3) for JAX.
+Two details of that pipeline decide pixels and are kept on purpose:
+
+* Conversion to RGB happens *after* resize and crop, so PIL resamples the
+  image in its own mode: "P" and "1" images are resized with NEAREST (PIL
+  forces it for those modes), "RGBA"/"LA" with premultiplied alpha, "CMYK"
+  and 16-bit "I;16" in their own channels.
+* The short side is scaled with torchvision's integer rule and the crop offset
+  uses Python's round-half-to-even, so odd margins land where torchvision's do.
+
+`decode_image` turns bytes or a file into a fully loaded PIL image, or raises
+`ImageDecodeError`; data pipelines catch that one class to skip and count bad
+records (DESIGN.md, principle 7).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps
+
+# clip/clip.py, _transform: Normalize((0.48145466, ...), (0.26862954, ...)).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_IMAGE_SIZE = 224
+
+
+class ImageDecodeError(ValueError):
+    """Raised when bytes or a file cannot be decoded into a complete image."""
+
+
+# --------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------
+
+
+class _StrictTruncation:
+    """Forces `PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False` while decoding.
+
+    PIL reads that module-level flag during `load()`; when it is True, a file cut
+    short decodes "successfully" with grey or black rows. Other libraries set it
+    process-wide (tensorflow_datasets does, in core/utils/image_utils.py), which
+    would make truncated records pass silently. The flag is switched off while
+    at least one `decode_image` call is running, and the previous value is put
+    back when the last one finishes, so concurrent decodes on several threads
+    never serialise on a lock held through the decode itself.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = ImageFile.LOAD_TRUNCATED_IMAGES
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
+            self._depth += 1
+
+    def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = self._saved
+
+
+_STRICT_TRUNCATION = _StrictTruncation()
+
+
+def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike) -> Image.Image:
+    """Decodes an encoded image (bytes, or a path to a file) into a loaded PIL image.
+
+    The pixels are decoded eagerly (`img.load()`), and the container is checked
+    first with `Image.verify()`, which for PNG validates every chunk CRC, so
+    corrupt, truncated and non-image inputs fail here rather than later inside
+    a training step. The image keeps its own mode ("P", "RGBA", "I;16", ...);
+    `clip_preprocess` handles the conversion to RGB the way CLIP does.
+
+    Raises:
+      ImageDecodeError: the input is empty, not an image, truncated or corrupt.
+      FileNotFoundError: `data` is a path that does not exist.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        source = f"file {os.fspath(data)!r}"
+        with open(data, "rb") as f:
+            data = f.read()
+    else:
+        data = bytes(data)
+        source = f"{len(data)} bytes starting {data[:8]!r}"
+    if not data:
+        raise ImageDecodeError(f"Cannot decode an image from {source}: the input is empty.")
+    try:
+        with _STRICT_TRUNCATION:
+            Image.open(io.BytesIO(data)).verify()
+            # verify() leaves the image unusable; PIL requires a fresh open to decode.
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    # Pillow's format plugins raise many exception types on malformed input
+    # (OSError, SyntaxError, struct.error, zlib.error, EOFError, IndexError,
+    # DecompressionBombError, ...); all of them mean "this record is bad".
+    except Exception as err:  # noqa: BLE001
+        raise ImageDecodeError(
+            f"Cannot decode an image from {source}: {type(err).__name__}: {err}. "
+            "Expected a complete image file (PNG, JPEG, WebP, GIF, BMP, TIFF, ...); "
+            "the record is corrupt, truncated or not an image: skip it or re-create it."
+        ) from err
+    return img
+
+
+# --------------------------------------------------------------------------
+# CLIP preprocessing: torchvision's PIL path, step by step
+# --------------------------------------------------------------------------
+
+
+def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
+    """Scales `img` so its shorter side is `size`, with PIL bicubic resampling.
+
+    torchvision.transforms.functional.resize with an int size on a PIL image:
+    `_compute_resized_output_size` keeps the short side at `size` and sets the
+    long side to `int(size * long / short)` (truncation, not rounding); then
+    `_functional_pil.resize` calls `img.resize((w, h), BICUBIC)` with no
+    `reducing_gap` (antialias is always on for PIL). PIL itself switches "P"
+    and "1" images to NEAREST and resamples "RGBA"/"LA" premultiplied.
+    """
+    if size < 1:
+        raise ValueError(f"Expected a positive target size, found {size}.")
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def center_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """Crops the central (h, w) = `size` window, zero-padding first if `img` is smaller.
+
+    torchvision.transforms.functional.center_crop on a PIL image: pad with
+    `fill=0` in the image's own mode (palette index 0 for "P", all-zero inks
+    for "CMYK") when the crop is larger than the image, then crop at
+    `top = int(round((h - crop_h) / 2.0))`, with Python's round-half-to-even.
+    """
+    crop_h, crop_w = (size, size) if isinstance(size, int) else size
+    w, h = img.size
+    if crop_w > w or crop_h > h:
+        left = (crop_w - w) // 2 if crop_w > w else 0
+        top = (crop_h - h) // 2 if crop_h > h else 0
+        right = (crop_w - w + 1) // 2 if crop_w > w else 0
+        bottom = (crop_h - h + 1) // 2 if crop_h > h else 0
+        img = _pad_with_zeros(img, (left, top, right, bottom))
+        w, h = img.size
+        if (crop_w, crop_h) == (w, h):
+            return img
+    top = int(round((h - crop_h) / 2.0))
+    left = int(round((w - crop_w) / 2.0))
+    return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+def _pad_with_zeros(img: Image.Image, border: tuple[int, int, int, int]) -> Image.Image:
+    """torchvision `_functional_pil.pad(img, border, fill=0, padding_mode="constant")`."""
+    bands = len(img.getbands())
+    fill = 0 if bands == 1 else (0,) * bands
+    out = ImageOps.expand(img, border=border, fill=fill)
+    if img.mode == "P":
+        out.putpalette(img.getpalette())
+    return out
+
+
+def normalize_rgb(rgb: np.ndarray, mean: Sequence[float] = CLIP_MEAN,
+                  std: Sequence[float] = CLIP_STD) -> np.ndarray:
+    """uint8 (..., 3) -> float32 `(x / 255 - mean) / std`, as ToTensor + Normalize.
+
+    Each step is one float32 operation in the same order as torchvision
+    (`img.float().div(255)`, then `sub_(mean).div_(std)` with float32 mean/std),
+    so results are bit-identical.
+    """
+    if rgb.dtype != np.uint8 or rgb.shape[-1] != 3:
+        raise ValueError(f"Expected a uint8 array with 3 channels last, found {rgb.dtype} {rgb.shape}.")
+    x = rgb.astype(np.float32) / np.float32(255)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def clip_preprocess(img: Image.Image, size: int = CLIP_IMAGE_SIZE) -> np.ndarray:
+    """OpenAI CLIP's image transform on a PIL image; returns float32 (size, size, 3).
+
+    Equivalent to `clip.load(...)[1](img).permute(1, 2, 0).numpy()` (see module
+    docstring): resize shorter side bicubic, center crop, convert("RGB"),
+    ToTensor, Normalize with `CLIP_MEAN` / `CLIP_STD`.
+    """
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"Expected a PIL.Image.Image, found {type(img).__name__}; "
+                        "use clip_preprocess_array for numpy arrays.")
+    img = center_crop(resize_shorter_side(img, size), size)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)  # (size, size, 3)
+    return normalize_rgb(rgb)
+
+
+def clip_preprocess_array(array: np.ndarray, size: int = CLIP_IMAGE_SIZE) -> np.ndarray:
+    """`clip_preprocess` for a decoded uint8 image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4).
+
+    One channel is treated as "L", three as "RGB", four as "RGBA", i.e. what
+    `PIL.Image.fromarray` would produce; returns float32 (size, size, 3).
+    """
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+            array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise ValueError("Expected a uint8 image of shape (H, W) or (H, W, C) with C in {1, 3, 4}, "
+                         f"found {array.dtype} {array.shape}.")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return clip_preprocess(Image.fromarray(array), size)
+
+
+def clip_preprocess_batch(images: Sequence[Image.Image | np.ndarray],
+                          size: int = CLIP_IMAGE_SIZE) -> np.ndarray:
+    """Preprocesses PIL images and/or uint8 arrays; returns float32 (N, size, size, 3)."""
+    if len(images) == 0:
+        raise ValueError("Expected at least one image, found an empty sequence.")
+    return np.stack([clip_preprocess(im, size) if isinstance(im, Image.Image)
+                     else clip_preprocess_array(im, size) for im in images])
+
+
+# --------------------------------------------------------------------------
+# Grids
+# --------------------------------------------------------------------------
+
+_GRID_PAD = 2  # pixels of background between tiles and around the grid
+
+
+def _to_uint8_nhwc(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or 0 in images.shape[:3]:
+        raise ValueError("Expected a non-empty batch of images (N, H, W, C) with C in {1, 3}, "
+                         f"found shape {images.shape}.")
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"Expected uint8 or float images in [0, 1], found dtype {images.dtype}.")
+    if not np.isfinite(images).all():
+        raise ValueError("Found NaN or infinite pixel values; expected floats in [0, 1].")
+    # Model samples overshoot [0, 1] slightly; clip rather than wrap around.
+    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """Truncates `text` with an ellipsis so it is at most `width` pixels wide."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def save_image_grid(images: np.ndarray, path: str | os.PathLike,
+                    labels: Sequence[str] | None = None, ncols: int | None = None) -> str:
+    """Saves a batch of images as one PNG grid, optionally with a caption under each tile.
+
+    Args:
+      images: (N, H, W, C), C in {1, 3}; uint8, or floats in [0, 1] (clipped).
+      path: output PNG path; parent directories are created.
+      labels: N strings drawn under the tiles (PIL's default font), truncated
+        to the tile width.
+      ncols: tiles per row; default ceil(sqrt(N)).
+    Returns:
+      The path written, as a string.
+    """
+    tiles = _to_uint8_nhwc(images)  # (N, H, W, C)
+    n, h, w, c = tiles.shape
+    if c == 1:
+        tiles = np.repeat(tiles, 3, axis=-1)
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"Expected one label per image ({n}), found {len(labels)} labels.")
+    ncols = ncols or math.ceil(math.sqrt(n))
+    if ncols < 1:
+        raise ValueError(f"Expected ncols >= 1, found {ncols}.")
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+
+    font = ImageFont.load_default()
+    label_h = 0
+    if labels is not None:
+        top, bottom = font.getbbox("Ag")[1::2]
+        label_h = int(bottom - top) + 2 * _GRID_PAD
+    cell_h = h + label_h
+    grid = Image.new("RGB", (ncols * (w + _GRID_PAD) + _GRID_PAD,
+                             nrows * (cell_h + _GRID_PAD) + _GRID_PAD), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, tile in enumerate(tiles):
+        x = _GRID_PAD + (i % ncols) * (w + _GRID_PAD)
+        y = _GRID_PAD + (i // ncols) * (cell_h + _GRID_PAD)
+        grid.paste(Image.fromarray(tile), (x, y))
+        if labels is not None:
+            text = _fit_text(draw, str(labels[i]), font, w)
+            draw.text((x, y + h + _GRID_PAD), text, fill="black", font=font)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path, format="PNG")
+    return path
