@@ -1,0 +1,357 @@
+"""The one sharded training loop that CLIP, the dVAE and the DALL·E transformer share.
+
+A model family plugs in through a small `Task` (init, loss, eval). The loop:
+  * creates the train state already sharded (`jax.eval_shape` -> logical rules
+    -> `jax.jit(create, out_shardings=...)`), so nothing is ever materialised on
+    one device;
+  * runs one jitted `train_step(state, batch) -> (state, metrics)` with in/out
+    shardings and the state donated;
+  * never lets a non-finite loss or gradient reach the parameters: the update
+    is dropped, counted, and after `max_nonfinite_streak` in a row the run
+    stops with `NonFiniteError`, its last checkpoint intact;
+  * checkpoints the state *and* the data-iterator state every N steps and on
+    SIGTERM, so a resumed run replays exactly the batches it would have seen:
+    a run killed at step k and restarted reaches bitwise the same parameters
+    as one never killed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from common import checkpoint as ckpt
+from common import metrics as metrics_lib
+from common import optim, sharding
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, Any]
+Metrics = dict[str, jax.Array]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Task(Protocol):
+    """What a model family gives the trainer.
+
+    `init(rng)` returns flax variables ({"params": ..., other collections})
+    with logically annotated leaves. `loss(params, model_state, batch, rng,
+    step)` returns `(loss, metrics, new_model_state)`; `new_model_state` is
+    None unless the task updates non-trainable collections (BatchNorm
+    statistics). `eval_metrics(params, model_state, batch)` returns a dict of
+    batch-mean metrics (optional: tasks without it are not evaluated).
+    """
+
+    def init(self, rng: jax.Array) -> Mapping[str, Any]: ...
+
+    def loss(
+        self, params: Any, model_state: Any, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[jax.Array, Metrics, Any]: ...
+
+
+class DataIterator(Protocol):
+    """A host-local batch iterator whose position can be checkpointed."""
+
+    def __next__(self) -> Batch: ...
+
+    def get_state(self) -> Any: ...
+
+    def set_state(self, state: Any) -> None: ...
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    model_state: Any  # non-trainable collections (e.g. batch_stats); {} when none
+    rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
+    nonfinite_total: jax.Array
+    nonfinite_streak: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Loop settings; model and data settings live with the task."""
+
+    total_steps: int = 1000
+    global_batch_size: int = 64
+    mesh: Mapping[str, int] | str = "data_parallel"  # sizes or a preset of common/sharding.py
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end (when the task can evaluate)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    max_nonfinite_streak: int = 10  # consecutive skipped steps before the run stops
+    progress: bool = True
+
+    @classmethod
+    def from_any(cls, cfg: Any) -> TrainerConfig:
+        if isinstance(cfg, cls):
+            return cfg
+        values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown trainer config fields {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}.")
+        return cls(**values)
+
+
+def _where(ok: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def train_step(state: TrainState, batch: Batch, *, task: Task, tx: optax.GradientTransformation) -> tuple[TrainState, Metrics]:
+    """One update. Pure: the same state and batch give bitwise the same result."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+        loss, metrics, new_model_state = task.loss(params, state.model_state, batch, rng, state.step)
+        return loss, (metrics, new_model_state)
+
+    (loss, (metrics, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    if new_model_state is None:
+        new_model_state = state.model_state
+    # A bad step leaves params, optimizer moments and statistics untouched.
+    streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
+    state = state.replace(
+        step=state.step + 1,
+        params=_where(ok, new_params, state.params),
+        opt_state=_where(ok, new_opt_state, state.opt_state),
+        model_state=_where(ok, new_model_state, state.model_state),
+        nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
+        nonfinite_streak=streak,
+    )
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
+    return state, metrics
+
+
+def create_train_state(task: Task, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """The initial state, with logical boxes still on (so shardings can be derived)."""
+    init_rng, step_rng = jax.random.split(rng)
+    variables = dict(task.init(init_rng))
+    params = variables.pop("params")
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        model_state=variables,
+        rng=jax.random.key_data(step_rng),
+        nonfinite_total=jnp.zeros((), jnp.int32),
+        nonfinite_streak=jnp.zeros((), jnp.int32),
+    )
+
+
+def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+    """(state, shardings): the train state born sharded on `mesh`."""
+    create = functools.partial(create_train_state, task, tx)
+    return sharding.init_sharded(create, jax.random.key(seed), mesh=mesh)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: rely on orbax's preemption sync only
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: checkpointing and stopping after this step.")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    step: int
+    history: list[dict[str, float]]
+    eval_history: list[dict[str, float]]
+    preempted: bool
+    nonfinite_total: int
+    seconds: float
+    examples_per_second: float
+
+
+class Trainer:
+    """Runs a `Task` on a mesh: init or resume, train, evaluate, checkpoint."""
+
+    def __init__(
+        self,
+        task: Task,
+        cfg: TrainerConfig | Any,
+        optim_cfg: optim.OptimConfig | Any,
+        workdir: str | Path,
+        *,
+        devices: list[jax.Device] | None = None,
+    ):
+        self.task = task
+        self.cfg = TrainerConfig.from_any(cfg)
+        self.optim_cfg = optim.OptimConfig.from_any(optim_cfg)
+        self.workdir = Path(workdir)
+        self.mesh = sharding.make_mesh(self.cfg.mesh, devices)
+        sharding.check_batch_divisible(self.cfg.global_batch_size, self.mesh)
+        self.tx = optim.make_optimizer(self.optim_cfg)
+        self.state, self.state_shardings = init_state(task, self.tx, self.cfg.seed, self.mesh)
+        self.checkpoints = ckpt.CheckpointManager(
+            self.workdir / "checkpoints",
+            max_to_keep=self.cfg.keep_checkpoints,
+            save_interval_steps=self.cfg.checkpoint_every,
+            async_save=self.cfg.async_checkpoints,
+        )
+        self._train_step = None
+        self._eval_step = None
+
+    # -- compiled steps -------------------------------------------------------
+    def _batch_shardings(self, batch: Batch) -> Any:
+        return jax.tree.map(lambda x: sharding.batch_sharding(self.mesh, np.ndim(x)), batch)
+
+    def compiled_train_step(self, batch: Batch) -> Callable:
+        if self._train_step is None:
+            self._train_step = jax.jit(
+                functools.partial(train_step, task=self.task, tx=self.tx),
+                in_shardings=(self.state_shardings, self._batch_shardings(batch)),
+                out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                donate_argnums=0,
+            )
+        return self._train_step
+
+    def compiled_eval_step(self, batch: Batch) -> Callable:
+        if self._eval_step is None:
+            # Eval never donates: the state lives on.
+            self._eval_step = jax.jit(
+                lambda state, b: self.task.eval_metrics(state.params, state.model_state, b),
+                in_shardings=(self.state_shardings, self._batch_shardings(batch)),
+                out_shardings=sharding.replicated(self.mesh),
+            )
+        return self._eval_step
+
+    # -- checkpoints ----------------------------------------------------------
+    def restore_if_any(self, data: DataIterator | None) -> int:
+        """Loads the latest checkpoint (state + data position); returns its step or 0."""
+        step = self.checkpoints.latest_step()
+        if step is None:
+            return 0
+        target = ckpt.abstract_like(self.state, self.state_shardings)
+        self.state, meta = self.checkpoints.restore(step, target=target)
+        if data is not None and meta.get("data_state") is not None:
+            data.set_state(meta["data_state"])
+        log.info("Resumed from %s at step %d", self.checkpoints.directory, step)
+        return step
+
+    def save(self, data: DataIterator | None, *, force: bool = False) -> bool:
+        step = int(jax.device_get(self.state.step))
+        meta = {"step": step, "data_state": data.get_state() if data is not None else None}
+        return self.checkpoints.save(step, self.state, meta, force=force)
+
+    # -- evaluation -----------------------------------------------------------
+    def evaluate(self, batches: Iterator[Batch]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        count = 0
+        for host_batch in batches:
+            batch = sharding.shard_batch(host_batch, self.mesh)
+            m = jax.device_get(self.compiled_eval_step(batch)(self.state, batch))
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            count += 1
+        return {k: v / max(count, 1) for k, v in totals.items()}
+
+    # -- the loop -------------------------------------------------------------
+    def fit(self, data: DataIterator, eval_batches: Callable[[], Iterator[Batch]] | None = None) -> TrainResult:
+        cfg = self.cfg
+        start = self.restore_if_any(data)
+        writer = metrics_lib.MetricWriter(self.workdir)
+        history: list[dict[str, float]] = []
+        eval_history: list[dict[str, float]] = []
+        can_eval = eval_batches is not None and hasattr(self.task, "eval_metrics")
+        bar = metrics_lib.progress_bar(cfg.total_steps, "train", enabled=None if cfg.progress else False, initial=start)
+        t0, examples = time.perf_counter(), 0
+        preempted = False
+        step = start
+        try:
+            with _Preemption() as preemption, sharding.use_mesh(self.mesh):
+                while step < cfg.total_steps:
+                    host_batch = next(data)
+                    batch = sharding.shard_batch(host_batch, self.mesh)
+                    self.state, step_metrics = self.compiled_train_step(batch)(self.state, batch)
+                    step += 1
+                    examples += cfg.global_batch_size
+                    bar.update(1)
+                    last = step == cfg.total_steps
+                    if step % cfg.log_every == 0 or last:
+                        record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                        record["examples_per_second"] = examples / (time.perf_counter() - t0)
+                        history.append({"step": step, **record})
+                        writer.write_scalars(step, record)
+                        metrics_lib.set_postfix_metrics(bar, {"loss": record["loss"]}, examples_per_step=cfg.global_batch_size)
+                        self._check_finite()
+                    if can_eval and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+                        ev = self.evaluate(eval_batches())
+                        eval_history.append({"step": step, **ev})
+                        writer.write_scalars(step, {f"eval/{k}": v for k, v in ev.items()})
+                    preempted = preemption.requested or self.checkpoints.reached_preemption(step)
+                    if step % cfg.checkpoint_every == 0 or last or preempted:
+                        self._check_finite()
+                        self.save(data, force=last or preempted)
+                    if preempted:
+                        break
+        finally:
+            bar.close()
+            self.checkpoints.wait_until_finished()
+            writer.close()
+        seconds = time.perf_counter() - t0
+        if history:
+            metrics_lib.plot_curves(self.workdir / "metrics.jsonl", ["loss"], self.workdir / "loss.png")
+        return TrainResult(
+            state=self.state,
+            step=step,
+            history=history,
+            eval_history=eval_history,
+            preempted=preempted,
+            nonfinite_total=int(jax.device_get(self.state.nonfinite_total)),
+            seconds=seconds,
+            examples_per_second=examples / seconds if seconds else 0.0,
+        )
+
+    def _check_finite(self) -> None:
+        streak = int(jax.device_get(self.state.nonfinite_streak))
+        if streak >= self.cfg.max_nonfinite_streak:
+            last_good = self.checkpoints.latest_step()
+            raise NonFiniteError(
+                f"{streak} consecutive steps had a non-finite loss or gradient (limit "
+                f"max_nonfinite_streak={self.cfg.max_nonfinite_streak}); those updates were skipped. "
+                f"The last checkpoint (step {last_good}) in {self.checkpoints.directory} is intact. "
+                "Lower the learning rate, check the data for bad values, or enable gradient clipping."
+            )
+
+    def close(self) -> None:
+        self.checkpoints.close()

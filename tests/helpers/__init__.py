@@ -1,0 +1,1 @@
+"""Scripts and utilities that tests launch or import."""

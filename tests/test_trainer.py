@@ -1,0 +1,122 @@
+"""The shared trainer: learning, presets, non-finite steps, exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from common import sharding
+from common.trainer import NonFiniteError, Trainer, TrainerConfig
+from tests.toy_task import RegressionData, RegressionTask
+
+OPTIM = {"learning_rate": 1e-2, "warmup_steps": 2, "total_steps": 40, "weight_decay": 1e-4, "b2": 0.99}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trainer(tmp_path, steps=20, mesh="data_parallel", task=None, **kw):
+    cfg = TrainerConfig(total_steps=steps, global_batch_size=16, mesh=mesh, log_every=5,
+                        checkpoint_every=kw.pop("checkpoint_every", 10), progress=False, **kw)
+    return Trainer(task or RegressionTask(), cfg, OPTIM, tmp_path)
+
+
+def test_trainer_learns_and_logs(tmp_path):
+    trainer = _trainer(tmp_path, steps=40)
+    result = trainer.fit(RegressionData(16), eval_batches=lambda: iter([next(RegressionData(16, seed=9))]))
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert result.eval_history and result.eval_history[-1]["mse"] < losses[0]
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert trainer.checkpoints.all_steps() == [20, 30, 40]
+    trainer.close()
+
+
+def test_state_is_sharded_and_donated(tmp_path):
+    trainer = _trainer(tmp_path, steps=1, mesh="fsdp_tp")
+    kernel = trainer.state.params["fc1"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    # Adam moments follow the parameter layout.
+    mu = trainer.state.opt_state[1][0].mu["fc1"]["kernel"]
+    assert mu.sharding.spec == kernel.sharding.spec
+    old = trainer.state
+    batch = sharding.shard_batch(next(RegressionData(16)), trainer.mesh)
+    with sharding.use_mesh(trainer.mesh):
+        trainer.state, _ = trainer.compiled_train_step(batch)(trainer.state, batch)
+    assert old.params["fc1"]["kernel"].is_deleted()
+    trainer.close()
+
+
+def test_presets_follow_the_same_loss_curve(tmp_path):
+    def curve(name, mesh, devices=None):
+        cfg = TrainerConfig(total_steps=5, global_batch_size=16, mesh=mesh, log_every=1, checkpoint_every=5, progress=False)
+        trainer = Trainer(RegressionTask(), cfg, OPTIM, tmp_path / name, devices=devices)
+        res = trainer.fit(RegressionData(16))
+        trainer.close()
+        return [h["loss"] for h in res.history] + [float(np.abs(np.asarray(res.state.params["fc1"]["kernel"])).sum())]
+
+    single = curve("single", "data_parallel", devices=jax.devices()[:1])
+    for preset in ("data_parallel", "fsdp", "fsdp_tp"):
+        np.testing.assert_allclose(curve(preset, preset), single, rtol=1e-4, err_msg=preset)
+
+
+def test_nonfinite_steps_are_skipped(tmp_path):
+    trainer = _trainer(tmp_path, steps=10, task=RegressionTask(nan_steps=(3, 4)))
+    res = trainer.fit(RegressionData(16))
+    assert res.nonfinite_total == 2
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainer.state.params))
+    trainer.close()
+
+
+def test_nonfinite_streak_stops_with_good_checkpoint(tmp_path):
+    task = RegressionTask(nan_steps=tuple(range(10, 40)))
+    trainer = _trainer(tmp_path, steps=40, task=task, max_nonfinite_streak=5, checkpoint_every=5)
+    with pytest.raises(NonFiniteError, match="last checkpoint \\(step 10\\)"):
+        trainer.fit(RegressionData(16))
+    trainer.close()
+    restored = _trainer(tmp_path, steps=10)
+    assert restored.restore_if_any(RegressionData(16)) == 10
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.params))
+    restored.close()
+
+
+def _run_script(workdir, steps, kill_at=None, sigterm_at=None):
+    cmd = [sys.executable, "-m", "tests.helpers.train_toy", "--workdir", str(workdir), "--steps", str(steps)]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    if kill_at is None and sigterm_at is None:
+        return subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen(cmd + ["--slow"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    target = kill_at or sigterm_at
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1]) >= target:
+            proc.send_signal(signal.SIGKILL if kill_at else signal.SIGTERM)
+            break
+    proc.wait(timeout=120)
+    return proc
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    _run_script(tmp_path / "clean", 30)
+    killed = _run_script(tmp_path / "killed", 30, kill_at=17)
+    assert killed.returncode == -signal.SIGKILL
+    steps = sorted(int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and max(steps) < 30, steps
+    _run_script(tmp_path / "killed", 30)
+    a = np.load(tmp_path / "clean" / "final_params.npz")
+    b = np.load(tmp_path / "killed" / "final_params.npz")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_sigterm_checkpoints_and_exits(tmp_path):
+    proc = _run_script(tmp_path, 1000, sigterm_at=7)
+    assert proc.returncode == 0, proc.stderr.read()
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert 7 <= steps[-1] < 1000
