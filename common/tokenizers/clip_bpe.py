@@ -1,0 +1,250 @@
+"""The exact OpenAI CLIP tokenizer: byte-level BPE over a 49,408-token vocabulary.
+
+Reproduces, id for id, ``SimpleTokenizer`` in openai/CLIP ``clip/simple_tokenizer.py`` and the
+padding/truncation of ``clip.tokenize`` in ``clip/clip.py`` (Radford et al. 2021, "Learning
+Transferable Visual Models From Natural Language Supervision", sec. 2.4: "lower-cased byte pair
+encoding (BPE) representation of the text with a 49,152 vocab size ... bracketed with [SOS] and
+[EOS] tokens"). This is an independent implementation; only the data file is OpenAI's:
+``bpe_simple_vocab_16e6.txt.gz`` is copied unchanged from the openai-clip 1.0.1 package
+(https://github.com/openai/CLIP, MIT License, Copyright (c) 2021 OpenAI; see ``NOTICE`` here).
+
+The pipeline, in the reference's order:
+
+1. Clean: ``ftfy.fix_text``, ``html.unescape`` twice, strip, collapse every ``regex`` ``\\s+`` run
+   to one space, strip, ``str.lower``.
+2. Split into pieces with the reference's pattern (the two special-token strings, the contractions
+   's 't 're 've 'm 'll 'd, letter runs, single digits, runs of everything else), compiled with the
+   ``regex`` package and ``IGNORECASE`` exactly as the reference does (so e.g. ``'ſ`` counts as the
+   contraction ``'s``).
+3. Map each piece's UTF-8 bytes to the 256 printable stand-in characters (GPT-2's byte table), mark
+   the last one with ``</w>``, then repeatedly merge the adjacent pair with the lowest merge rank,
+   all non-overlapping occurrences left to right, until no pair has a rank.
+
+Vocabulary layout (ids): 256 byte characters, the same 256 with ``</w>``, the first 48,894 merges
+of the file, then ``<|startoftext|>`` = 49406 and ``<|endoftext|>`` = 49407.
+
+Speed without changing a single id:
+* BPE results are cached per piece in a bounded LRU cache, and pieces are merged as integer ids.
+* Text made only of printable ASCII without ``&`` (plus tab, newline and carriage return) skips
+  ``ftfy`` and ``html.unescape``: on that alphabet every ftfy fixer, NFC normalization and HTML
+  unescaping is the identity, and ``str.split`` splits on exactly the characters ``regex``'s
+  ``\\s`` matches. ``tests/test_clip_bpe.py`` checks this cleaning against the reference's.
+* A batch encodes each distinct text once.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import importlib.resources
+import os
+import re as std_re
+from collections.abc import Iterable, Sequence
+
+import ftfy
+import numpy as np
+import regex
+
+BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
+SOT_TOKEN = "<|startoftext|>"
+EOT_TOKEN = "<|endoftext|>"
+DEFAULT_CONTEXT_LENGTH = 77  # every released CLIP model
+_NUM_MERGES = 49152 - 256 - 2  # the reference keeps merges[1 : 49152 - 256 - 2 + 1] of the file
+_END_OF_WORD = "</w>"
+
+# The reference pattern, verbatim (clip/simple_tokenizer.py, SimpleTokenizer.__init__).
+_PIECE_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+_WHITESPACE_RUN = regex.compile(r"\s+")
+# Anything outside printable ASCII minus '&', plus \t \n \r, needs the full ftfy + HTML cleaning.
+_NEEDS_FULL_CLEAN = std_re.compile(r"[^\t\n\r\x20-\x25\x27-\x7e]")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, in vocabulary order.
+
+    Bytes that are printable Latin-1 (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand for
+    themselves; the other 68 bytes (controls, space, soft hyphen, ...) get U+0100 onwards in byte
+    order. Dict order is the order of the first 256 vocabulary ids.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in set(printable)]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return table
+
+
+def clean_text(text: str) -> str:
+    """The reference's ``whitespace_clean(basic_clean(text)).lower()``, with an ASCII fast path."""
+    if not _NEEDS_FULL_CLEAN.search(text):
+        return " ".join(text.split()).lower()
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _WHITESPACE_RUN.sub(" ", text).strip().lower()
+
+
+def _read_merges(bpe_path: str | os.PathLike | None) -> list[tuple[str, str]]:
+    """The merge list the reference uses: lines 1 .. 48,894 of the gzipped file (line 0 is a header)."""
+    if bpe_path is None:
+        with importlib.resources.files(__package__).joinpath(BPE_FILENAME).open("rb") as f:
+            data = gzip.decompress(f.read())
+        where = f"package data {__package__}/{BPE_FILENAME}"
+    else:
+        with gzip.open(bpe_path) as f:
+            data = f.read()
+        where = os.fspath(bpe_path)
+    lines = data.decode("utf-8").split("\n")[1 : _NUM_MERGES + 1]
+    merges = [tuple(line.split()) for line in lines]
+    bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+    if len(merges) != _NUM_MERGES or bad is not None:
+        found = f"{len(merges)} lines" if bad is None else f"line {bad + 1}: {lines[bad]!r}"
+        raise ValueError(
+            f"{where} is not a CLIP merges file: expected a header line and then at least {_NUM_MERGES} "
+            f"lines of two space-separated symbols, found {found}. Use the {BPE_FILENAME} shipped with "
+            "openai/CLIP (or pass bpe_path=None for the copy bundled with this package)."
+        )
+    return merges
+
+
+class ClipTokenizer:
+    """OpenAI CLIP's BPE tokenizer; ids identical to ``clip.simple_tokenizer.SimpleTokenizer``.
+
+    Args:
+      bpe_path: gzipped merges file; ``None`` loads the copy bundled as package data.
+      word_cache_size: bound of the per-piece BPE cache (``None``: unbounded).
+    """
+
+    def __init__(self, bpe_path: str | os.PathLike | None = None, word_cache_size: int | None = 1 << 18):
+        merges = _read_merges(bpe_path)
+        byte_chars = bytes_to_unicode()
+        vocab = [*byte_chars.values(), *(c + _END_OF_WORD for c in byte_chars.values())]
+        vocab += ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
+        # Later entries win on duplicates, as with the reference's dict(zip(vocab, range(...))).
+        encoder = {token: i for i, token in enumerate(vocab)}
+        self._vocab_size = len(encoder)
+        # Every vocabulary string is made of byte characters (the specials are ASCII), so each id
+        # decodes to a fixed byte string; decode joins them and decodes UTF-8 once, like the reference.
+        to_latin1 = str.maketrans({c: chr(b) for b, c in byte_chars.items()})
+        self._id_bytes = {i: token.translate(to_latin1).encode("latin-1") for token, i in encoder.items()}
+        self._byte_ids = [encoder[byte_chars[b]] for b in range(256)]
+        self._byte_end_ids = [encoder[byte_chars[b] + _END_OF_WORD] for b in range(256)]
+        # (left id, right id) -> (rank, merged id): min() over these tuples picks the lowest rank.
+        self._merge_table = {(encoder[a], encoder[b]): (rank, encoder[a + b]) for rank, (a, b) in enumerate(merges)}
+        self._special_ids = {SOT_TOKEN: encoder[SOT_TOKEN], EOT_TOKEN: encoder[EOT_TOKEN]}
+        self._word_cache_size = word_cache_size
+        self._piece_ids = functools.lru_cache(maxsize=word_cache_size)(self._bpe)
+
+    def __getstate__(self) -> dict:
+        # The cache wraps a bound method and does not pickle (e.g. into data-loader worker
+        # processes); it is rebuilt, empty, on unpickling.
+        return {k: v for k, v in self.__dict__.items() if k != "_piece_ids"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._piece_ids = functools.lru_cache(maxsize=self._word_cache_size)(self._bpe)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def sot_token_id(self) -> int:
+        return self._special_ids[SOT_TOKEN]
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._special_ids[EOT_TOKEN]
+
+    def _bpe(self, piece: str) -> tuple[int, ...]:
+        """Token ids of one piece (a match of the split pattern)."""
+        special = self._special_ids.get(piece)
+        if special is not None:
+            return (special,)
+        raw = piece.encode("utf-8")
+        symbols = [self._byte_ids[b] for b in raw[:-1]]
+        symbols.append(self._byte_end_ids[raw[-1]])
+        table = self._merge_table
+        no_merge = (len(table), -1)  # ranks sort before it
+        while len(symbols) > 1:
+            left, right = min(zip(symbols, symbols[1:]), key=lambda pair: table.get(pair, no_merge))
+            merged = table.get((left, right), no_merge)[1]
+            if merged < 0:
+                break
+            out, i, n = [], 0, len(symbols)
+            while i < n:
+                if i + 1 < n and symbols[i] == left and symbols[i + 1] == right:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            symbols = out
+        return tuple(symbols)
+
+    def _encode_tuple(self, text: str) -> tuple[int, ...]:
+        if not isinstance(text, str):
+            raise TypeError(f"ClipTokenizer encodes str, found {type(text).__name__}: {text!r}.")
+        piece_ids = self._piece_ids
+        return tuple(i for piece in _PIECE_PATTERN.findall(clean_text(text)) for i in piece_ids(piece))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without the start/end tokens (reference ``SimpleTokenizer.encode``)."""
+        return list(self._encode_tuple(text))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``: every ``</w>`` becomes a space (reference ``SimpleTokenizer.decode``)."""
+        try:
+            raw = b"".join(self._id_bytes[int(i)] for i in ids)
+        except KeyError as e:
+            raise ValueError(f"Token id {e.args[0]} is outside the CLIP vocabulary [0, {self.vocab_size}).") from None
+        return raw.decode("utf-8", errors="replace").replace(_END_OF_WORD, " ")
+
+    def tokenize(
+        self, texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False
+    ) -> np.ndarray:
+        """``clip.tokenize``: ``<|startoftext|> ids <|endoftext|>``, zero-padded; int32 (B, context_length).
+
+        A text longer than ``context_length`` tokens (with both specials) raises ``ValueError``
+        unless ``truncate``, which keeps the first ``context_length`` tokens and overwrites the last
+        with ``<|endoftext|>``, as the reference does.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if context_length < 2:
+            raise ValueError(
+                f"context_length must leave room for <|startoftext|> and <|endoftext|> (>= 2), found "
+                f"{context_length}; CLIP models use {DEFAULT_CONTEXT_LENGTH}."
+            )
+        sot, eot = self.sot_token_id, self.eot_token_id
+        encoded = {text: self._encode_tuple(text) for text in dict.fromkeys(texts)}  # each distinct text once
+        result = np.zeros((len(texts), context_length), dtype=np.int32)  # (B, L)
+        for row, text in enumerate(texts):
+            tokens = (sot, *encoded[text], eot)
+            if len(tokens) > context_length:
+                if not truncate:
+                    shown = text if len(text) <= 200 else text[:200] + "..."
+                    raise ValueError(
+                        f"Text {shown!r} encodes to {len(tokens)} tokens (with <|startoftext|> and "
+                        f"<|endoftext|>), more than context_length={context_length}. Shorten it, or pass "
+                        f"truncate=True to keep the first {context_length} tokens ending in <|endoftext|>."
+                    )
+                tokens = (*tokens[: context_length - 1], eot)
+            result[row, : len(tokens)] = tokens
+        return result
+
+    __call__ = tokenize
+
+
+@functools.cache
+def default_tokenizer() -> ClipTokenizer:
+    """The shared tokenizer over the bundled merges file, built on first use."""
+    return ClipTokenizer()
+
+
+def tokenize(
+    texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False
+) -> np.ndarray:
+    """Drop-in for ``clip.tokenize`` returning an int32 numpy array (B, context_length)."""
+    return default_tokenizer().tokenize(texts, context_length=context_length, truncate=truncate)
