@@ -14,11 +14,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet -e .
 	touch $@
 
-# The test extra adds the PyTorch reference stack. openai-clip and dall-e are
+# The test extra adds the PyTorch reference stack, the tf extra TensorFlow for
+# tfrecord-prepared tfds datasets (make test covers both tfds paths). openai-clip and dall-e are
 # installed without their declared dependencies, which would pull torchvision
 # (no torchvision works beside the pinned CPU torch here).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,tf]'
 	$(PIP) install --quiet --no-deps openai-clip==1.0.1 dall-e==0.1
 	touch $@
 

@@ -1,0 +1,218 @@
+"""Zero-shot image-text retrieval with CLIP: recall@k in both directions.
+
+The protocol of CLIP's Flickr30k / MSCOCO evaluation (Radford et al. 2021,
+section 3.1 and table 13, following Karpathy & Fei-Fei's test splits): images
+and captions are embedded, L2-normalised and ranked by cosine similarity.
+
+* image -> text recall@k: an image is a hit when ANY of its captions is among
+  the k captions most similar to it;
+* text -> image recall@k: a caption is a hit when its image is among the k
+  images most similar to it.
+
+Ties count against the model: a correct item is within the top k when fewer
+than k wrong items score at least as high as it (for image -> text, as its best
+caption), so results never depend on the order of the candidates.
+
+Caption files: TSV lines `image_path<TAB>caption` (an optional header
+`image<TAB>caption`), or JSON lines `{"image": path, "caption": text}` /
+`{"image": path, "captions": [text, ...]}`; several lines may name the same
+image. Paths are relative to --images-root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from clip_jax import eval_data
+from clip_jax.zeroshot import embed_texts, encode_image_batch, l2_normalize
+from common.sharding import check_batch_divisible, make_mesh, replicated
+
+log = logging.getLogger(__name__)
+
+
+def retrieval_metrics(image_features: Any, text_features: Any, text_to_image: Any,
+                      ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[str, float]:
+    """Recall@k of cosine-similarity retrieval, both directions.
+
+    Args:
+      image_features: (N_img, D), unnormalised.
+      text_features: (N_txt, D), unnormalised.
+      text_to_image: (N_txt,) index of each caption's image; every image needs
+        at least one caption.
+      ks: the k of recall@k.
+      chunk_size: rows of the similarity matrix held in memory at once.
+    Returns:
+      {"image_to_text_R@k": fraction, ..., "text_to_image_R@k": fraction, ...}.
+    """
+    images = _unit(image_features)  # (N_img, D)
+    texts = _unit(text_features)  # (N_txt, D)
+    owner = np.asarray(text_to_image, np.int64)
+    n_img, n_txt = len(images), len(texts)
+    if images.ndim != 2 or texts.ndim != 2 or images.shape[1] != texts.shape[1]:
+        raise ValueError(f"Expected features (N_img, D) and (N_txt, D), found {images.shape} and {texts.shape}.")
+    if owner.shape != (n_txt,) or (n_txt and not 0 <= owner.min() <= owner.max() < n_img):
+        raise ValueError(f"Expected text_to_image of shape ({n_txt},) with values in [0, {n_img}), "
+                         f"found shape {owner.shape}" + (f", range [{owner.min()}, {owner.max()}]" if n_txt else ""))
+    captionless = np.setdiff1d(np.arange(n_img), owner)
+    if len(captionless):
+        raise ValueError(f"Images {captionless[:5].tolist()} have no caption; every image needs one.")
+
+    text_rank = np.empty(n_txt, np.int64)
+    for start in range(0, n_txt, chunk_size):
+        sims = texts[start:start + chunk_size] @ images.T  # (c, N_img)
+        own = sims[np.arange(len(sims)), owner[start:start + chunk_size]][:, None]
+        text_rank[start:start + chunk_size] = np.sum(~(sims < own), axis=1) - 1
+    image_rank = np.empty(n_img, np.int64)
+    for start in range(0, n_img, chunk_size):
+        sims = images[start:start + chunk_size] @ texts.T  # (c, N_txt)
+        mine = owner[None, :] == np.arange(start, start + len(sims))[:, None]  # (c, N_txt)
+        best = np.max(np.where(mine, sims, -np.inf), axis=1, keepdims=True)
+        image_rank[start:start + chunk_size] = np.sum(~(sims < best) & ~mine, axis=1)
+    metrics = {f"image_to_text_R@{k}": float(np.mean(image_rank < k)) for k in ks}
+    metrics.update({f"text_to_image_R@{k}": float(np.mean(text_rank < k)) for k in ks})
+    return metrics
+
+
+def _unit(x: Any) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionSet:
+    """Images (first-appearance order) and their captions."""
+
+    image_paths: tuple[str, ...]
+    captions: tuple[str, ...]
+    text_to_image: np.ndarray  # (N_txt,) int
+
+
+def read_captions(path: str, images_root: str | None = None) -> CaptionSet:
+    """Reads a TSV or JSON-lines caption file (see the module docstring); checks the images exist."""
+    images_root = images_root if images_root is not None else os.path.dirname(os.path.abspath(path))
+    pairs: list[tuple[str, str]] = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith((".jsonl", ".json")):
+                entry = json.loads(line)
+                texts = entry.get("captions", [entry["caption"]] if "caption" in entry else None)
+                if "image" not in entry or not isinstance(texts, list):
+                    raise ValueError(f"{path}:{number}: expected {{\"image\": ..., \"caption\": ...}} or "
+                                     f"{{\"image\": ..., \"captions\": [...]}}, found {line.strip()[:200]}")
+                pairs += [(entry["image"], str(t)) for t in texts]
+                continue
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 2:
+                raise ValueError(f"{path}:{number}: expected 'image<TAB>caption', found {len(fields)} "
+                                 f"tab-separated fields in {line.strip()[:200]!r}")
+            if number == 1 and [x.strip().lower() for x in fields] == ["image", "caption"]:
+                continue
+            pairs.append((fields[0], fields[1]))
+    if not pairs:
+        raise ValueError(f"No captions found in {path}.")
+    position: dict[str, int] = {}
+    for image, _ in pairs:
+        position.setdefault(image, len(position))
+    paths = tuple(os.path.join(images_root, image) for image in position)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images named in {path} are missing under "
+                                f"{images_root!r}, e.g. {missing[:5]}. Check --images-root.")
+    return CaptionSet(paths, tuple(c for _, c in pairs), np.array([position[i] for i, _ in pairs], np.int64))
+
+
+def embed_images(bundle: Any, paths: Sequence[str], *, batch_size: int = 256, mesh: Mesh | None = None,
+                 num_threads: int = 16, skip_log: eval_data.SkipLog | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised features (N, D) float32 of the image files, and a bool (N,) mask of decodable ones.
+
+    Each host decodes a contiguous shard of `paths`; every host gets all features.
+    Rows of corrupt images are zero and False in the mask.
+    """
+    mesh = mesh or make_mesh("data_parallel")
+    check_batch_divisible(batch_size, mesh)
+    host_batch = batch_size // jax.process_count()
+    source = eval_data.EvalSource("images", "all", (), len(paths), "image files", lambda start, stop: (
+        eval_data.Record(paths[i], 0, i) for i in range(start, stop)))
+    num_batches = math.ceil(math.ceil(len(paths) / jax.process_count()) / host_batch)
+    stream = eval_data.batches(source.records(jax.process_index(), jax.process_count()), bundle.preprocess,
+                               batch_size=host_batch, image_size=bundle.image_size, num_batches=num_batches,
+                               num_threads=num_threads, skip_log=skip_log)
+    gather = jax.jit(lambda f, index, status: (l2_normalize(f), index, status), out_shardings=replicated(mesh))
+    features, decoded = None, np.zeros(len(paths), bool)
+    for batch in tqdm(stream, total=num_batches, desc="images", unit="batch", disable=jax.process_index() != 0):
+        encoded, placed = encode_image_batch(bundle, batch, mesh)
+        rows, index, status = map(np.asarray, gather(encoded, placed["index"], placed["status"]))
+        if features is None:
+            features = np.zeros((len(paths), rows.shape[1]), np.float32)
+        ok = status == eval_data.STATUS_OK
+        features[index[ok]], decoded[index[ok]] = rows[ok], True
+    return features, decoded
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m clip_jax.retrieval",
+                                     description="Zero-shot image-text retrieval recall@k of a CLIP model.")
+    parser.add_argument("--model", default="ViT-B/32", help="variant name, e.g. ViT-B/32 or RN50")
+    parser.add_argument("--weights", help="checkpoint path given to clip_jax.load (default: --model)")
+    parser.add_argument("--captions", required=True, help="TSV (image<TAB>caption) or JSON-lines caption file")
+    parser.add_argument("--images-root", help="directory the image paths are relative to "
+                                              "(default: the caption file's directory)")
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch size (all hosts)")
+    parser.add_argument("--ks", default="1,5,10", help="comma-separated k of recall@k")
+    parser.add_argument("--num-threads", type=int, default=16, help="image decoding threads per host")
+    parser.add_argument("--out", help="write the results JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from common.sharding import initialize_distributed
+    initialize_distributed()
+    import clip_jax
+
+    started = time.time()
+    data = read_captions(args.captions, args.images_root)
+    bundle = clip_jax.load(args.weights or args.model)
+    mesh = make_mesh("data_parallel")
+    skip_log = eval_data.SkipLog()
+    image_features, decoded = embed_images(bundle, data.image_paths, batch_size=args.batch_size, mesh=mesh,
+                                           num_threads=args.num_threads, skip_log=skip_log)
+    for reason in skip_log.reasons:
+        log.warning("skipped %s", reason)
+    # Corrupt images leave the evaluation together with their captions.
+    kept_captions = decoded[data.text_to_image]
+    new_index = np.cumsum(decoded) - 1
+    captions = [c for c, keep in zip(data.captions, kept_captions) if keep]
+    text_features = embed_texts(bundle, captions, batch_size=args.batch_size, mesh=mesh, desc="captions")
+    metrics = retrieval_metrics(image_features[decoded], text_features, new_index[data.text_to_image[kept_captions]],
+                                ks=[int(k) for k in args.ks.split(",")])
+    results = {"model": args.model, "weights": args.weights, "captions": args.captions,
+               "images_root": args.images_root, "n_images": int(decoded.sum()), "n_captions": len(captions),
+               "skipped": int((~decoded).sum()), **metrics, "time": round(time.time() - started, 2)}
+    if jax.process_index() == 0:
+        print("  ".join(f"{name} {100 * value:.2f}%" for name, value in metrics.items()))
+        print(json.dumps(results, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
