@@ -99,6 +99,9 @@ class CheckpointManager:
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
         self.directory = os.fspath(directory)
+        if "://" not in self.directory:
+            # orbax's tensorstore backend refuses relative paths.
+            self.directory = os.path.abspath(self.directory)
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         for name, save_args, restore_args in (
             (_STATE, ocp.args.StandardSave, ocp.args.StandardRestore),

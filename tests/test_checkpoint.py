@@ -133,6 +133,18 @@ def test_keeps_only_the_latest_n(tmp_path):
         assert reopened.all_steps() == [3, 4] and reopened.restore_metadata() == {"step": 4}
 
 
+def test_relative_directory(tmp_path, monkeypatch, mesh8):
+    # `--workdir runs/x` is how people launch runs; orbax itself needs absolute paths.
+    monkeypatch.chdir(tmp_path)
+    state = {"x": jax.device_put(np.arange(8, dtype=np.float32), NamedSharding(mesh8, P("fsdp")))}
+    with CheckpointManager("runs/rel", async_save=True) as ckpt:
+        assert ckpt.save(1, state, {"step": 1})
+        ckpt.wait_until_finished()
+        restored, meta = ckpt.restore(target=abstract_like(state, state["x"].sharding))
+    np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(8))
+    assert (tmp_path / "runs" / "rel" / "1").is_dir() and meta == {"step": 1}
+
+
 def test_save_interval_and_force(tmp_path):
     tree = {"x": np.zeros((2,), np.float32)}
     with CheckpointManager(tmp_path, save_interval_steps=3) as ckpt:
