@@ -15,6 +15,7 @@ def get_config(arg: str = "openai") -> ml_collections.ConfigDict:
     if arg not in ("openai", "smoke"):
         raise ValueError(f"dvae config: expected 'openai' or 'smoke', found {arg!r}")
     c = ml_collections.ConfigDict()
+    c.task = "dvae"  # experiments/run.py dispatches on this
     c.seed = 0  # parameters, Gumbel noise and data order
     c.mesh = "data_parallel"  # common/sharding.py preset or {"data": ..., "fsdp": ..., "tensor": ...}
     c.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (parameters stay float32)

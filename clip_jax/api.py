@@ -1,0 +1,126 @@
+"""`clip_jax.load`: a CLIP model, its weights and its pre-processing in one object.
+
+    model = clip_jax.load("ViT-B/32")                      # random init of a named variant
+    model = clip_jax.load("/ckpts/ViT-B-32.pt")            # OpenAI / open_clip / HF weights, architecture inferred
+    feats = model.encode_image(np.stack([model.preprocess(img)]))
+    text = model.encode_text(model.tokenize(["a photo of a cat."]))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from clip_jax import weights
+from clip_jax.model import CLIP, dummy_inputs, normalize
+from clip_jax.variants import CLIPConfig, decode_variant, known_variants
+from common.images import clip_preprocess
+from common.tokenizers import clip_bpe
+
+
+@dataclasses.dataclass(eq=False)
+class CLIPBundle:
+    """A CLIP module with its variables; methods are jitted once per input shape."""
+
+    model: CLIP
+    variables: dict  # {"params": ..., "batch_stats": ... for ModifiedResNets}
+    config: CLIPConfig
+    source: str  # "random-init", "openai", "hf"
+
+    @property
+    def params(self) -> Any:
+        return self.variables["params"]
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.config.text.context_length
+
+    @functools.cached_property
+    def _encode_image(self):
+        return jax.jit(lambda v, x: self.model.apply(v, x, method=CLIP.encode_image))
+
+    @functools.cached_property
+    def _encode_text(self):
+        return jax.jit(lambda v, t: self.model.apply(v, t, method=CLIP.encode_text))
+
+    def encode_image(self, images: Any) -> jax.Array:
+        """images: (B, S, S, 3) float, already preprocessed (see `preprocess`) -> (B, embed_dim)."""
+        images = jnp.asarray(images)
+        s = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (s, s, 3):
+            raise ValueError(f"encode_image expects preprocessed NHWC images of shape (B, {s}, {s}, 3); "
+                             f"found {tuple(images.shape)}. Use .preprocess(pil_image) on each image first.")
+        return self._encode_image(self.variables, images)
+
+    def encode_text(self, token_ids: Any) -> jax.Array:
+        """token_ids: int (B, context_length) from `tokenize` -> (B, embed_dim)."""
+        token_ids = jnp.asarray(token_ids)
+        if token_ids.ndim != 2 or token_ids.shape[1] != self.context_length or not jnp.issubdtype(token_ids.dtype, jnp.integer):
+            raise ValueError(f"encode_text expects integer token ids of shape (B, {self.context_length}); found "
+                             f"{token_ids.dtype} {tuple(token_ids.shape)}. Use .tokenize(texts).")
+        return self._encode_text(self.variables, token_ids)
+
+    def logits(self, images: Any, token_ids: Any) -> tuple[jax.Array, jax.Array]:
+        """(logits_per_image, logits_per_text), as OpenAI's `model(image, text)`."""
+        img = normalize(self.encode_image(images))
+        txt = normalize(self.encode_text(token_ids))
+        scale = jnp.minimum(jnp.exp(self.params["logit_scale"].astype(jnp.float32)), 100.0)
+        per_image = scale * img @ txt.T
+        return per_image, per_image.T
+
+    def preprocess(self, pil_image) -> np.ndarray:
+        """PIL image -> float32 (S, S, 3), exactly OpenAI's CLIP transform."""
+        return clip_preprocess(pil_image, size=self.image_size)
+
+    def tokenize(self, texts: str | Sequence[str], truncate: bool = False) -> np.ndarray:
+        return clip_bpe.tokenize(texts, context_length=self.context_length, truncate=truncate)
+
+    def save_openai(self, path: str | os.PathLike) -> Path:
+        """Exports an OpenAI-format state dict (.pt or .safetensors) that runs in PyTorch."""
+        return weights.save_openai_state_dict(jax.device_get(self.variables), self.config, path)
+
+
+def _cast(variables: dict, dtype) -> dict:
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
+                        variables)
+
+
+def load(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32, seed: int = 0,
+         **overrides: Any) -> CLIPBundle:
+    """A CLIP bundle from a variant name (random init) or a checkpoint path (architecture inferred).
+
+    dtype: compute dtype (e.g. jnp.bfloat16 on accelerators; default fp32).
+    overrides for checkpoints whose heads/activation the weights cannot tell:
+    act ("quick_gelu" | "gelu"), vision_heads, text_heads.
+    """
+    dtype = jnp.float32 if dtype is None else dtype
+    name = os.fspath(name_or_path)
+    if name in known_variants() and not Path(name).exists():
+        if overrides:
+            raise TypeError(f"{sorted(overrides)} only apply when loading a checkpoint, not the named variant {name!r}.")
+        cfg = decode_variant(name)
+        model = CLIP(cfg, dtype=dtype, param_dtype=param_dtype)
+        variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), *dummy_inputs(cfg)))
+        return CLIPBundle(model, variables, cfg, "random-init")
+    if not Path(name).exists():
+        raise FileNotFoundError(
+            f"{name!r} is neither a known CLIP variant ({', '.join(known_variants())}) nor an existing path. "
+            "Weights are never downloaded: pass the local path of an OpenAI .pt, open_clip checkpoint or "
+            "Hugging Face CLIP directory."
+        )
+    cfg, variables, source = weights.load_variables(name, **overrides)
+    model = CLIP(cfg, dtype=dtype, param_dtype=param_dtype)
+    return CLIPBundle(model, _cast(variables, param_dtype), cfg, source)

@@ -1,0 +1,237 @@
+"""Transformer pieces shared by the CLIP image and text towers.
+
+Mirrors OpenAI clip/model.py: `LayerNorm` (statistics in fp32), `QuickGELU`,
+`ResidualAttentionBlock` (pre-norm attention + MLP) and `Transformer`. Attention follows
+`torch.nn.MultiheadAttention` (biases on q/k/v/out, scores scaled by head_dim ** -0.5),
+with scores and softmax in fp32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
+    """An initializer whose parameter carries logical axis names (see common/sharding.py)."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def torch_default_kernel_init() -> Callable:
+    """torch's Linear/Conv default: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI's QuickGELU: x * sigmoid(1.702 x) (clip/model.py)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """'quick_gelu' (OpenAI) or 'gelu' (exact erf GELU, torch.nn.GELU's default, used by open_clip)."""
+    if name == "quick_gelu":
+        return quick_gelu
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    raise ValueError(f"activation must be 'quick_gelu' or 'gelu', found {name!r}")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed entirely in fp32, as OpenAI's fp16-safe `LayerNorm` subclass.
+
+    The input is cast to fp32, normalised with the biased variance (torch), scaled and
+    shifted in fp32, then cast to the compute dtype.
+    """
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", partitioned(nn.initializers.ones_init(), ("norm",)), (features,), self.param_dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros_init(), ("norm",)), (features,), self.param_dtype)
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class HeadProjection(nn.Module):
+    """A biased linear map contracting the last `n_in` axes: kernel (*in, *features), bias (*features).
+
+    nn.DenseGeneral initialises a flattened 2-D kernel and reshapes it, which breaks its
+    logical axis names under a global mesh; this keeps the kernel's shape from the start.
+    """
+
+    features: tuple[int, ...]
+    n_in: int
+    kernel_axes: tuple[str | None, ...]
+    std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.n_in :]
+        kernel = self.param(
+            "kernel", partitioned(nn.initializers.normal(self.std), self.kernel_axes), in_shape + self.features,
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias", partitioned(nn.initializers.zeros_init(), self.kernel_axes[self.n_in :]), self.features,
+            self.param_dtype,
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with biased q/k/v/out projections (torch.nn.MultiheadAttention).
+
+    Kernels are (embed, heads, head_dim) for q/k/v and (heads, head_dim, out) for the output,
+    so heads shard over the tensor axis without reshapes. `out_features` defaults to the
+    input width (the ResNet attention pool projects to the CLIP embedding instead).
+    """
+
+    num_heads: int
+    qkv_std: float
+    out_std: float
+    out_features: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """inputs_q (B, Lq, D), inputs_kv (B, Lk, D), mask (Lq, Lk) bool, True = may attend."""
+        width = inputs_kv.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"attention width {width} is not divisible by num_heads={self.num_heads}")
+        head_dim = width // self.num_heads
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        projection = lambda name: HeadProjection(  # noqa: E731
+            (self.num_heads, head_dim), 1, ("embed", "heads", "head_dim"), self.qkv_std, **dtypes, name=name
+        )
+        q = projection("query")(inputs_q)  # (B, Lq, H, Dh)
+        k = projection("key")(inputs_kv)  # (B, Lk, H, Dh)
+        v = projection("value")(inputs_kv)  # (B, Lk, H, Dh)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+        if mask is not None:
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # (B, H, Lq, Lk)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, Lq, H, Dh)
+        return HeadProjection(
+            (self.out_features or width,), 2, ("heads", "head_dim", "embed"), self.out_std, **dtypes, name="out"
+        )(out)
+
+
+class MLP(nn.Module):
+    """c_fc -> activation -> c_proj (OpenAI ResidualAttentionBlock.mlp)."""
+
+    mlp_dim: int
+    act: str
+    fc_std: float
+    proj_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        dense = lambda features, std, names, name: nn.Dense(  # noqa: E731
+            features,
+            kernel_init=partitioned(nn.initializers.normal(std), names),
+            bias_init=partitioned(nn.initializers.zeros_init(), names[1:]),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+        h = dense(self.mlp_dim, self.fc_std, ("embed", "mlp"), "c_fc")(x)
+        h = nn.with_logical_constraint(activation(self.act)(h), ("batch", "length", "mlp"))  # (B, L, F)
+        return dense(width, self.proj_std, ("mlp", "embed"), "c_proj")(h)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)). Returns (x, None) so nn.scan can carry x."""
+
+    num_heads: int
+    mlp_dim: int
+    act: str
+    attn_std: float
+    proj_std: float
+    fc_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, None]:
+        norm = lambda name: LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
+        h = norm("ln_1")(x)
+        x = x + MultiHeadAttention(
+            self.num_heads, self.attn_std, self.proj_std, dtype=self.dtype, param_dtype=self.param_dtype, name="attn"
+        )(h, h, mask)
+        h = norm("ln_2")(x)
+        x = x + MLP(self.mlp_dim, self.act, self.fc_std, self.proj_std, self.dtype, self.param_dtype, name="mlp")(h)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+
+
+class Transformer(nn.Module):
+    """A stack of `layers` residual attention blocks (OpenAI `Transformer`).
+
+    Initialisation follows OpenAI `CLIP.initialize_parameters`: q/k/v std width**-0.5,
+    output projections width**-0.5 * (2 layers)**-0.5, c_fc (2 width)**-0.5.
+
+    remat: recompute each block's activations in the backward pass (jax.checkpoint).
+    scan_layers: run the blocks with nn.scan; parameters then gain a leading layer axis
+      (logical name None, never sharded) under `resblocks` instead of `resblocks_{i}`.
+    Both change memory and compile time, never the outputs.
+    """
+
+    width: int
+    layers: int
+    heads: int
+    mlp_dim: int
+    act: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+    scan_layers: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x (B, L, width), mask (L, L) bool or None -> (B, L, width)."""
+        block = ResidualAttentionBlock
+        if self.remat:
+            block = nn.remat(block, prevent_cse=not self.scan_layers)
+        kwargs = dict(
+            num_heads=self.heads,
+            mlp_dim=self.mlp_dim,
+            act=self.act,
+            attn_std=self.width**-0.5,
+            proj_std=self.width**-0.5 * (2 * self.layers) ** -0.5,
+            fc_std=(2 * self.width) ** -0.5,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        if self.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=self.layers,
+                metadata_params={nn.PARTITION_NAME: None},
+            )
+            x, _ = scanned(name="resblocks", **kwargs)(x, mask)
+            return x
+        for i in range(self.layers):
+            x, _ = block(name=f"resblocks_{i}", **kwargs)(x, mask)
+        return x
