@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import signal
 import time
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from common import checkpoint as ckpt
 from common import metrics as metrics_lib
@@ -167,6 +169,21 @@ def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: ja
     return sharding.init_sharded(create, jax.random.key(seed), mesh=mesh)
 
 
+def _gather_from_processes(value: Any) -> list[Any]:
+    """A JSON-serializable `value` from every process, in process order.
+
+    A collective: every process must call it at the same point.
+    """
+    if jax.process_count() == 1:
+        return [value]
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.int32(raw.size))  # (P,)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: raw.size] = raw
+    rows = multihost_utils.process_allgather(padded)  # (P, longest)
+    return [json.loads(row[:size].tobytes()) for row, size in zip(rows, sizes)]
+
+
 class _Preemption:
     """Turns SIGTERM into a flag the loop checks between steps."""
 
@@ -263,14 +280,23 @@ class Trainer:
             return 0
         target = ckpt.abstract_like(self.state, self.state_shardings)
         self.state, meta = self.checkpoints.restore(step, target=target)
-        if data is not None and meta.get("data_state") is not None:
-            data.set_state(meta["data_state"])
+        states = meta.get("data_state")  # one per process, in process order
+        if data is not None and states is not None:
+            if len(states) != jax.process_count():
+                raise ValueError(
+                    f"Step {step} in {self.checkpoints.directory} holds the data-iterator states of "
+                    f"{len(states)} process(es), but this run has {jax.process_count()}. Each process "
+                    f"resumes its own input shard: resume with {len(states)} process(es)."
+                )
+            data.set_state(states[jax.process_index()])
         log.info("Resumed from %s at step %d", self.checkpoints.directory, step)
         return step
 
     def save(self, data: DataIterator | None, *, force: bool = False) -> bool:
         step = int(jax.device_get(self.state.step))
-        meta = {"step": step, "data_state": data.get_state() if data is not None else None}
+        # Every host reads its own shard, so every host's iterator state is kept;
+        # orbax writes the JSON metadata from process 0 only.
+        meta = {"step": step, "data_state": _gather_from_processes(data.get_state()) if data is not None else None}
         return self.checkpoints.save(step, self.state, meta, force=force)
 
     # -- evaluation -----------------------------------------------------------
@@ -310,6 +336,8 @@ class Trainer:
                     if step % cfg.log_every == 0 or last:
                         record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                         record["examples_per_second"] = examples / (time.perf_counter() - t0)
+                        if hasattr(data, "stats"):  # records the pipelines of all hosts skipped (corrupt, ...)
+                            record["data_skipped"] = sum(_gather_from_processes(data.stats()["skipped_total"]))
                         history.append({"step": step, **record})
                         writer.write_scalars(step, record)
                         metrics_lib.set_postfix_metrics(bar, {"loss": record["loss"]}, examples_per_step=cfg.global_batch_size)
@@ -318,7 +346,12 @@ class Trainer:
                         ev = self.evaluate(eval_batches())
                         eval_history.append({"step": step, **ev})
                         writer.write_scalars(step, {f"eval/{k}": v for k, v in ev.items()})
-                    preempted = preemption.requested or self.checkpoints.reached_preemption(step)
+                    # Hosts agree on a SIGTERM at log and checkpoint boundaries (a host that stopped alone
+                    # would wait forever in the next collective); orbax's own signal is already global.
+                    boundary = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last
+                    if boundary and any(_gather_from_processes(preemption.requested)):
+                        preempted = True
+                    preempted = preempted or self.checkpoints.reached_preemption(step)
                     if step % cfg.checkpoint_every == 0 or last or preempted:
                         self._check_finite()
                         self.save(data, force=last or preempted)
@@ -329,7 +362,7 @@ class Trainer:
             self.checkpoints.wait_until_finished()
             writer.close()
         seconds = time.perf_counter() - t0
-        if history:
+        if history and writer.enabled:  # process 0 wrote the log; the others have none to plot
             metrics_lib.plot_curves(self.workdir / "metrics.jsonl", ["loss"], self.workdir / "loss.png")
         return TrainResult(
             state=self.state,

@@ -35,6 +35,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # orbax logs every file it writes through absl at INFO; keep its warnings only.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     sharding.initialize_distributed()
     config = _CONFIG.value
     if config.task not in TASKS:
