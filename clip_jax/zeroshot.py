@@ -258,10 +258,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     metrics = evaluate(bundle, stream, weights, mesh=mesh, total=num_batches)
     for reason in skip_log.reasons:
         log.warning("skipped %s", reason)
-    results = {"model": args.model, "weights": args.weights, "dataset": source.name, "split": source.split,
+    results = {"model": args.model if not args.weights else f"inferred from {args.weights}", "weights": args.weights, "dataset": source.name, "split": source.split,
                "source": source.description, "templates": args.templates, "num_templates": len(templates),
                "num_classes": len(source.classnames), "top1": metrics["top1"], "top5": metrics["top5"],
-               "n": metrics["n"], "skipped": metrics["skipped"], "time": round(time.time() - started, 2)}
+               "n": metrics["n"], "correct": metrics["correct"], "skipped": metrics["skipped"], "time": round(time.time() - started, 2)}
     if jax.process_index() == 0:
         print(f"{source.name} {source.split}: top-1 {100 * results['top1']:.2f}%  "
               f"top-5 {100 * results['top5']:.2f}%  ({results['n']} images, {results['skipped']} skipped)")

@@ -194,3 +194,35 @@ def test_named_variant_random_init_and_bad_inputs():
     with pytest.raises(ValueError, match="truncate=True"):
         bundle.tokenize(["word " * 100])
     assert bundle.tokenize(["word " * 100], truncate=True).shape == (1, 77)
+
+
+def test_zeroshot_and_retrieval_cli_with_real_checkpoint(tmp_path):
+    """The CLIs end to end with clip_jax.load on a real (random-init) OpenAI-format checkpoint."""
+    from PIL import Image
+
+    from clip_jax import retrieval, zeroshot
+    from common.data import shapes, writers
+
+    model = ref.build_openai_clip(VIT)
+    ref.randomize_(model, seed=4)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    ds = shapes.ShapesDataset("validation", 24, shapes.ShapesConfig(image_size=40))
+    writers.write_image_folder(ds, tmp_path / "folder", by="color")
+    out = zeroshot.main(["--weights", str(tmp_path / "w.pt"), "--dataset", "folder", "--image-folder",
+                         str(tmp_path / "folder"), "--batch-size", "8", "--templates", "single",
+                         "--out", str(tmp_path / "zs.json")])
+    assert out["n"] == 24 and json.loads((tmp_path / "zs.json").read_text())["top1"] == out["top1"]
+    # Recompute the top-1 by hand with the same bundle, the same preprocessing and the prompt 'a photo of a {}.'.
+    bundle = clip_jax.load(tmp_path / "w.pt")
+    classes = sorted(p.name for p in (tmp_path / "folder").iterdir() if p.is_dir())
+    text = np.asarray(bundle.encode_text(bundle.tokenize([f"a photo of a {c.replace('_', ' ')}." for c in classes])))
+    correct = 0
+    for i, c in enumerate(classes):
+        for f in sorted((tmp_path / "folder" / c).glob("*.png")):
+            img = np.asarray(bundle.encode_image(bundle.preprocess(Image.open(f))[None]))[0]
+            scores = text @ img / np.linalg.norm(text, axis=1)
+            correct += int(np.argmax(scores) == i)
+    assert out["correct"]["top1"] == correct
+    res = retrieval.main(["--weights", str(tmp_path / "w.pt"), "--captions", str(tmp_path / "folder" / "captions.tsv"),
+                          "--images-root", str(tmp_path / "folder"), "--batch-size", "8"])
+    assert 0.0 <= res["image_to_text_R@1"] <= res["image_to_text_R@10"] <= 1.0
