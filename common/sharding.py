@@ -75,10 +75,15 @@ class ShardingError(ValueError):
 
 
 def resolve_mesh_shape(axes: Mapping[str, int] | str, num_devices: int) -> dict[str, int]:
-    """Turns `{"data": -1, "fsdp": 2}` (or a preset name) into concrete sizes.
+    """Turns `{"data": -1, "fsdp": 2}`, "data=-1,fsdp=2" or a preset name into concrete sizes.
 
     Missing axes get size 1; at most one axis may be -1 and takes the rest.
     """
+    if isinstance(axes, str) and "=" in axes:  # "data=2,fsdp=-1": sizes from a command line
+        try:
+            axes = {name.strip(): int(size) for name, size in (part.split("=") for part in axes.split(","))}
+        except ValueError:
+            raise ShardingError(f"Could not parse mesh {axes!r}; expected e.g. 'data=2,fsdp=-1,tensor=2'.") from None
     if isinstance(axes, str):
         if axes not in PRESETS:
             raise ShardingError(f"Unknown mesh preset {axes!r}; known presets: {sorted(PRESETS)}.")

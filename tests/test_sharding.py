@@ -45,6 +45,9 @@ def test_resolve_mesh_shape():
     assert sh.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
     assert sh.resolve_mesh_shape("fsdp_tp", 8) == {"data": 1, "fsdp": 4, "tensor": 2}
     assert sh.resolve_mesh_shape({"fsdp": 8}, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert sh.resolve_mesh_shape("data=2, fsdp=-1", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(sh.ShardingError, match="Could not parse"):
+        sh.resolve_mesh_shape("data=two", 8)
     with pytest.raises(sh.ShardingError, match="8 devices"):
         sh.resolve_mesh_shape({"data": 3, "fsdp": 2}, 8)
     with pytest.raises(sh.ShardingError, match="divisible by 3"):

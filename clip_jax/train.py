@@ -1,0 +1,192 @@
+"""CLIP contrastive training as a task for the shared trainer (common/trainer.py).
+
+`CLIPTask` gives the trainer init / loss / eval; `run(config, workdir)` is what
+`python -m experiments.run --config experiments/configs/clip_*.py` calls: it
+builds the model from the config, the input pipeline, trains (resuming from
+the last checkpoint in workdir), and evaluates zero-shot classification and
+retrieval where the data has labels (the built-in shapes data does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from clip_jax import losses
+from clip_jax.api import CLIPBundle
+from clip_jax.model import CLIP, dummy_inputs
+from clip_jax.variants import CLIPConfig, TextConfig, VisionConfig, decode_variant
+
+log = logging.getLogger(__name__)
+
+# SigLIP's initial temperature and bias (Zhai et al. 2023, section 3.2).
+SIGLIP_INIT_SCALE, SIGLIP_INIT_BIAS = math.log(10.0), -10.0
+
+
+class CLIPTask:
+    """Contrastive image-text training of a `CLIP` module.
+
+    ModifiedResNet towers run their BatchNorm in inference mode (statistics
+    frozen at their initial or imported values), as when fine-tuning.
+    """
+
+    def __init__(self, config: CLIPConfig, *, loss: str = "softmax", dtype: Any = jnp.float32,
+                 remat: bool = False, scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None):
+        if loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"loss must be 'softmax' or 'sigmoid', found {loss!r}.")
+        self.config, self.loss_kind, self.mesh = config, loss, mesh
+        self.model = CLIP(config, dtype=dtype, remat=remat, scan_layers=scan_layers)
+
+    def init(self, rng: jax.Array) -> dict:
+        variables = dict(self.model.init(rng, *dummy_inputs(self.config)))
+        if self.loss_kind == "sigmoid":
+            params = dict(variables["params"])
+            scalar = lambda v: nn.LogicallyPartitioned(jnp.asarray(v, jnp.float32), ())  # noqa: E731
+            params["logit_scale"] = scalar(SIGLIP_INIT_SCALE)
+            params["logit_bias"] = scalar(SIGLIP_INIT_BIAS)
+            variables["params"] = params
+        return variables
+
+    def _features(self, params: Any, model_state: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+        variables = {"params": params, **model_state}
+        images = self.model.apply(variables, batch["image"], method=CLIP.encode_image)  # (B, E)
+        texts = self.model.apply(variables, batch["text"], method=CLIP.encode_text)  # (B, E)
+        return images, texts
+
+    def _loss(self, params, model_state, batch):
+        images, texts = self._features(params, model_state, batch)
+        return losses.contrastive_loss(self.loss_kind, images, texts, params["logit_scale"],
+                                       params.get("logit_bias"), mesh=self.mesh)
+
+    def loss(self, params, model_state, batch, rng, step):
+        loss, metrics = self._loss(params, model_state, batch)
+        return loss, metrics, None
+
+    def eval_metrics(self, params, model_state, batch):
+        loss, metrics = self._loss(params, model_state, batch)
+        return {"loss": loss, **metrics}
+
+
+def model_config(cfg: Any) -> CLIPConfig:
+    """A CLIPConfig from `config.model`: a variant name, optionally with sizes overridden (smoke runs)."""
+    base = decode_variant(cfg.variant)
+    vision = dataclasses.replace(base.vision, **dict(cfg.get("vision", {})))
+    text = dataclasses.replace(base.text, **dict(cfg.get("text", {})))
+    return CLIPConfig(cfg.get("embed_dim", base.embed_dim), vision, text)
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def shapes_zero_shot(bundle: CLIPBundle, dataset, *, batch_size: int, mesh) -> dict[str, float]:
+    """Zero-shot colour and shape accuracy (prompt ensembling) and retrieval recall on a shapes split."""
+    from clip_jax import retrieval, zeroshot  # noqa: PLC0415
+    from common.data import shapes  # noqa: PLC0415
+    from common.images import normalize_rgb  # noqa: PLC0415
+
+    templates = {
+        "shape": ("a {}.", "an image of a {}.", "a picture of a {} shape.", "a drawing of a {}."),
+        "color": ("something {}.", "an image of a {} shape.", "a {} object.", "a picture with something {} in it."),
+    }
+    items = [dataset[i] for i in range(len(dataset))]
+    images = np.stack([normalize_rgb(it["image"]) for it in items])  # (N, S, S, 3) CLIP-normalised
+    out = {}
+    for kind, names in (("shape", shapes.SHAPES), ("color", shapes.COLORS)):
+        weights = zeroshot.zero_shot_weights(bundle, list(names), list(templates[kind]), mesh=mesh)
+        labels = np.asarray([it[f"{kind}_id"] for it in items], np.int32)
+        batches = ({"image": images[i:i + batch_size], "label": labels[i:i + batch_size]}
+                   for i in range(0, len(items), batch_size))
+        res = zeroshot.evaluate(bundle, batches, weights, topk=(1,), mesh=mesh)
+        out[f"zeroshot_{kind}_top1"] = res["top1"]
+        out[f"chance_{kind}_top1"] = 1.0 / len(names)
+    image_features = np.concatenate([np.asarray(bundle.encode_image(images[i:i + batch_size]))
+                                     for i in range(0, len(items), batch_size)])
+    text_features = zeroshot.embed_texts(bundle, [it["caption"] for it in items], mesh=mesh)
+    recall = retrieval.retrieval_metrics(image_features, text_features, np.arange(len(items)))
+    out.update({f"retrieval_{k}": float(v) for k, v in recall.items()})
+    return out
+
+
+def make_source(data_cfg: Any):
+    """The record source `config.data` names: shapes, tar (img2dataset shards), folder or tfds."""
+    from common.data import shapes, sources  # noqa: PLC0415
+
+    kind = data_cfg.source
+    if kind == "shapes":
+        return sources.ShapesSource(shapes.ShapesDataset(
+            data_cfg.split, data_cfg.num_examples, shapes.ShapesConfig(image_size=data_cfg.render_size)))
+    if kind == "tar":
+        return sources.TarShardSource(data_cfg.shards, index_dir=data_cfg.get("index_dir"),
+                                      caption_field=data_cfg.get("caption_field", "caption"))
+    if kind == "folder":
+        return sources.ImageFolderSource(data_cfg.root, captions_file=data_cfg.get("captions_file"))
+    if kind == "tfds":
+        return sources.TfdsSource(data_cfg.name, split=data_cfg.split, data_dir=data_cfg.get("data_dir"),
+                                  image_feature=data_cfg.get("image_feature", "image"),
+                                  text_feature=data_cfg.get("text_feature", "caption"))
+    raise ValueError(f"config.data.source={kind!r}; expected one of 'shapes', 'tar', 'folder', 'tfds'.")
+
+
+def make_pipeline(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
+                  train: bool = True, num_epochs: int | None = None):
+    from common.data import pipeline  # noqa: PLC0415
+
+    augment = pipeline.AugmentConfig(scale=tuple(data_cfg.get("crop_scale", (0.9, 1.0))))
+    return pipeline.make_image_text_pipeline(
+        make_source(data_cfg), global_batch_size=global_batch_size, image_size=image_size,
+        context_length=context_length, train=train, seed=seed, num_epochs=num_epochs,
+        worker_count=data_cfg.get("workers", 0), augment=augment)
+
+
+def run(config: Any, workdir: str | Path) -> dict[str, Any]:
+    """Trains CLIP as `config` says (resuming if workdir has checkpoints), then evaluates."""
+    from common.data import shapes  # noqa: PLC0415
+    from common.trainer import Trainer  # noqa: PLC0415
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = model_config(config.model)
+    trainer_cfg = dict(config.trainer)
+    task = CLIPTask(cfg, loss=config.loss, dtype=_dtype(config.model.get("dtype", "float32")),
+                    remat=config.model.get("remat", False), scan_layers=config.model.get("scan_layers", False))
+    trainer = Trainer(task, trainer_cfg, dict(config.optim), workdir)
+    task.mesh = trainer.mesh  # sharded loss over the trainer's mesh
+    sizes = dict(global_batch_size=trainer.cfg.global_batch_size, image_size=cfg.vision.image_size,
+                 context_length=cfg.text.context_length)
+    data = make_pipeline(config.data, seed=trainer.cfg.seed, **sizes)
+    eval_batches = None
+    if config.get("eval_data") is not None:
+        eval_batches = lambda: make_pipeline(config.eval_data, seed=0, train=False, num_epochs=1, **sizes)  # noqa: E731
+    result = trainer.fit(data, eval_batches=eval_batches)
+    summary: dict[str, Any] = {
+        "steps": result.step,
+        "first_loss": result.history[0]["loss"] if result.history else None,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "examples_per_second": result.examples_per_second,
+        "nonfinite_steps": result.nonfinite_total,
+        "preempted": result.preempted,
+        "mesh": dict(trainer.mesh.shape),
+        "eval": result.eval_history[-1] if result.eval_history else None,
+        "data": data.stats(),
+    }
+    if config.get("zeroshot_shapes") and not result.preempted:
+        z = config.zeroshot_shapes
+        bundle = CLIPBundle(task.model, {"params": jax.device_get(result.state.params), **result.state.model_state},
+                            cfg, "trained")
+        for split in z.splits:
+            ds = shapes.ShapesDataset(split, z.num_examples, shapes.ShapesConfig(image_size=cfg.vision.image_size))
+            summary[f"shapes_{split}"] = shapes_zero_shot(bundle, ds, batch_size=z.batch_size, mesh=trainer.mesh)
+    trainer.close()
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary

@@ -1,0 +1,482 @@
+"""Image-text grain pipelines: sources, sharding, determinism, bad records, truncation, resume, transforms.
+
+Data comes from the shapes dataset written to disk by `common/data/writers.py`
+(tar shards, an image folder) or built into a tiny tfds dataset, so what the
+pipeline reads can be compared with what was written. Images are 32 px.
+"""
+
+import io
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.data import pipeline, sources
+from common.data.shapes import ShapesConfig, ShapesDataset
+from common.data.writers import encode_image, write_image_folder, write_tar_shards
+from common.images import clip_preprocess, clip_preprocess_array, decode_image
+from common.tokenizers.clip_bpe import default_tokenizer
+
+N = 120  # records in the shapes split used throughout
+SIZE = 32
+READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return ShapesDataset("train", N, ShapesConfig(image_size=SIZE))
+
+
+@pytest.fixture(scope="module")
+def tar_dir(shapes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tars")
+    write_tar_shards(shapes, root, examples_per_shard=50)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(shapes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    write_image_folder(shapes, root)
+    return root
+
+
+def _pipe(source, **kwargs):
+    kwargs = {"global_batch_size": 8, "image_size": SIZE, "shard_index": 0, "shard_count": 1,
+              "read_options": READ, "return_index": True, **kwargs}
+    return pipeline.make_image_text_pipeline(source, **kwargs)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _pixels(record):
+    return np.asarray(decode_image(record.data).convert("RGB")) if not isinstance(record.data, np.ndarray) \
+        else record.data
+
+
+# --------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------
+
+
+def test_sources_read_what_the_writers_wrote(shapes, tar_dir, folder):
+    all_sources = {
+        "tar": sources.TarShardSource(tar_dir),
+        "folder_tsv": sources.ImageFolderSource(folder),
+        "folder_jsonl": sources.ImageFolderSource(folder, captions_file=folder / "labels.jsonl", image_field="path"),
+        "shapes": sources.ShapesSource(shapes),
+    }
+    for name, source in all_sources.items():
+        assert len(source) == N, name
+        for i in (0, 49, 50, 77, N - 1):  # across tar shard boundaries
+            record = source[i]
+            assert record.index == i and record.caption == shapes[i]["caption"], name
+            np.testing.assert_array_equal(_pixels(record), shapes[i]["image"], err_msg=name)
+    assert len(all_sources["tar"].paths) == 3
+    with pytest.raises(IndexError):
+        all_sources["tar"][N]
+
+
+def test_tar_index_cache_is_reused_until_the_shard_changes(shapes, tmp_path):
+    write_tar_shards([shapes[i] for i in range(6)], tmp_path / "tars", examples_per_shard=3)
+    index_dir = tmp_path / "index"
+    first = sources.TarShardSource(tmp_path / "tars", index_dir=str(index_dir))
+    caches = sorted(os.listdir(index_dir))
+    assert len(caches) == 2 and all(c.endswith(".index.npz") for c in caches)
+    stamps = [os.stat(index_dir / c).st_mtime_ns for c in caches]
+    again = sources.TarShardSource(tmp_path / "tars", index_dir=str(index_dir))
+    assert [os.stat(index_dir / c).st_mtime_ns for c in caches] == stamps  # read, not rewritten
+    assert [again[i].caption for i in range(6)] == [first[i].caption for i in range(6)]
+    # Rewriting a shard with other content invalidates its cached index.
+    write_tar_shards([shapes[i] for i in range(10, 14)], tmp_path / "tars", examples_per_shard=4)
+    changed = sources.TarShardSource(tmp_path / "tars", index_dir=str(index_dir))
+    assert len(changed) == 4 + 3 and changed[0].caption == shapes[10]["caption"]
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _bad_tar(path, shapes, good, long_captions=False):
+    """A shard mixing good records (shapes indices `good`) with bad ones; returns expected skip counts.
+
+    With `long_captions`, every third good record's caption is too long for 77 tokens.
+    """
+    png = lambda i: encode_image(shapes[i]["image"])  # noqa: E731
+    with tarfile.open(path, "w") as tar:
+        for n, i in enumerate(good):
+            caption = shapes[i]["caption"] + " on a sunny day" * (30 if long_captions and n % 3 == 0 else 0)
+            _add(tar, f"g{i:04d}.png", png(i))
+            if n % 2:  # caption from the .json when there is no .txt, as img2dataset may write
+                _add(tar, f"g{i:04d}.json", json.dumps({"caption": caption}).encode())
+            else:
+                _add(tar, f"g{i:04d}.txt", caption.encode())
+            if n % 5 == 1:
+                _add(tar, f"c{i:04d}.png", png(i)[:40])  # truncated PNG: corrupt
+                _add(tar, f"c{i:04d}.txt", b"a corrupt one")
+            if n % 7 == 2:
+                _add(tar, f"e{i:04d}.png", png(i))
+                _add(tar, f"e{i:04d}.txt", b" \t ")  # whitespace-only caption
+            if n % 9 == 4:
+                _add(tar, f"m{i:04d}.txt", b"a caption without its image")
+                _add(tar, f"n{i:04d}.png", png(i))  # an image without any caption
+    n = range(len(good))
+    return {"missing_image": sum(k % 9 == 4 for k in n), "corrupt_image": sum(k % 5 == 1 for k in n),
+            "missing_caption": sum(k % 9 == 4 for k in n), "empty_caption": sum(k % 7 == 2 for k in n)}
+
+
+def test_tfds_source_reads_captions_without_tensorflow(shapes, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("tensorflow")  # tfds needs TensorFlow to *write* a dataset, not to read it
+
+    data_dir = str(tmp_path / "tfds")
+    with tfds.core.registered.skip_registration():  # read back from its files, as a user would
+        class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(encoding_format="png"), "caption": tfds.features.Text(),
+                    "alt": tfds.features.Sequence(tfds.features.Text())}))
+
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples()}
+
+            def _generate_examples(self):
+                for i in range(10):
+                    yield i, {"image": shapes[i]["image"], "caption": shapes[i]["caption"],
+                              "alt": [shapes[i]["caption"], f"alt {i}"]}
+
+        TinyCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
+        TinyCaptions(data_dir=str(tmp_path / "tfrecord")).download_and_prepare()  # tfds' default format
+    with pytest.raises(ValueError, match="prepared as tfrecord, which has no random access.*--file_format array_record"):
+        sources.TfdsSource("tiny_captions", split="train", data_dir=str(tmp_path / "tfrecord"))
+    source = sources.TfdsSource("tiny_captions", split="train", data_dir=data_dir)
+    # tfds stores examples in hashed-key order: compare (caption, pixels) as collections.
+    assert len(source) == 10
+    written = sorted((shapes[i]["caption"], shapes[i]["image"].tobytes()) for i in range(10))
+    assert sorted((source[i].caption, _pixels(source[i]).tobytes()) for i in range(10)) == written
+    alt = sources.TfdsSource("tiny_captions", split="train[2:]", data_dir=data_dir, text_feature="alt")
+    alt_captions = {alt[i].caption for i in range(len(alt))}
+    assert len(alt) == 8 and alt_captions < {(shapes[i]["caption"], f"alt {i}") for i in range(10)}
+    with pytest.raises(ValueError, match="no feature 'text'"):
+        sources.TfdsSource("tiny_captions", split="train", data_dir=data_dir, text_feature="text")
+
+    class UnpreparedPipelineCaptions(TinyCaptions):  # registered, so tfds knows it without files
+        pass
+
+    with pytest.raises(FileNotFoundError, match="tfds build unprepared_pipeline_captions --data_dir .* --file_format "
+                                                 "array_record"):
+        sources.TfdsSource("unprepared_pipeline_captions", split="train", data_dir=str(tmp_path / "empty"))
+
+    # A fresh interpreter where TensorFlow cannot be imported, as without the `tf` extra.
+    script = textwrap.dedent(f"""
+        import importlib.machinery, json, sys
+        class HideTensorFlow:
+            @staticmethod
+            def find_spec(name, path=None, target=None):
+                if name.split(".")[0] == "tensorflow":
+                    return None
+                return importlib.machinery.PathFinder.find_spec(name, path, target)
+            @staticmethod
+            def invalidate_caches():
+                importlib.machinery.PathFinder.invalidate_caches()
+        sys.meta_path[:] = [HideTensorFlow if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+        import grain
+        from common.data import pipeline, sources
+        source = sources.TfdsSource("tiny_captions", split="train", data_dir={data_dir!r})
+        it = pipeline.make_image_text_pipeline(source, global_batch_size=5, image_size=16, train=False,
+            num_epochs=1, shard_index=0, shard_count=1, read_options=grain.ReadOptions(num_threads=2),
+            return_index=True)
+        indices = [next(it)["index"].tolist() for _ in range(2)]
+        print(json.dumps({{"captions": [source[i].caption for i in range(10)], "indices": indices,
+                          "tf": any(m.split(".")[0] == "tensorflow" for m in sys.modules)}}))
+    """)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["captions"] == [source[i].caption for i in range(10)]
+    assert result["indices"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and result["tf"] is False
+
+
+# --------------------------------------------------------------------------
+# Sharding, shuffling, determinism
+# --------------------------------------------------------------------------
+
+
+def test_two_hosts_read_disjoint_shards_covering_every_epoch(shapes):
+    source = sources.ShapesSource(shapes)
+    epochs = {}
+    for host in (0, 1):  # 60 records per host, 6 per host batch: 10 batches per epoch
+        it = _pipe(source, global_batch_size=12, shard_index=host, shard_count=2, num_epochs=2)
+        batches = [b["index"] for b in it]
+        assert len(batches) == 20 and all(b.shape == (6,) for b in batches)
+        epochs[host] = [np.concatenate(batches[:10]), np.concatenate(batches[10:])]
+    for epoch in (0, 1):
+        first, second = set(epochs[0][epoch].tolist()), set(epochs[1][epoch].tolist())
+        assert len(first) == len(second) == 60 and not first & second and first | second == set(range(N))
+    for host in (0, 1):  # shuffled, and differently in every epoch
+        assert epochs[host][0].tolist() != sorted(epochs[host][0].tolist())
+        assert epochs[host][0].tolist() != epochs[host][1].tolist()
+    with pytest.raises(ValueError, match="multiple of the 2 data-loading processes"):
+        _pipe(source, global_batch_size=7, shard_index=0, shard_count=2)
+    with pytest.raises(ValueError, match="shard_index < shard_count"):
+        _pipe(source, shard_index=2, shard_count=2)
+
+
+def test_same_seed_same_batches_other_seed_other_order(shapes):
+    source = sources.ShapesSource(shapes)
+    a, b = _take(_pipe(source, seed=3), 4), _take(_pipe(source, seed=3), 4)
+    for x, y in zip(a, b):
+        for key in ("image", "text", "index"):
+            np.testing.assert_array_equal(x[key], y[key])
+    other = _take(_pipe(source, seed=4), 4)
+    assert [x["index"].tolist() for x in a] != [x["index"].tolist() for x in other]
+    assert a[0]["image"].dtype == np.float32 and a[0]["image"].shape == (8, SIZE, SIZE, 3)
+    assert a[0]["text"].dtype == np.int32 and a[0]["text"].shape == (8, 77)
+
+
+# --------------------------------------------------------------------------
+# Bad records, truncation
+# --------------------------------------------------------------------------
+
+
+def test_bad_records_are_skipped_counted_and_logged_while_batches_stay_full(shapes, tmp_path, caplog):
+    good = list(range(40))
+    expected = _bad_tar(tmp_path / "bad.tar", shapes, good)
+    source = sources.TarShardSource(tmp_path / "bad.tar")
+    assert len(source) == 40 + sum(expected.values())  # every bad key is a record, skipped when read
+    with caplog.at_level(logging.WARNING, logger="common.data.pipeline"):
+        it = _pipe(source, train=False, num_epochs=1)  # source order: good records are fully consumed
+        batches = list(it)
+    assert len(batches) == 5 and all(b["image"].shape[0] == b["text"].shape[0] == 8 for b in batches)
+    served = [source[i] for b in batches for i in b["index"]]
+    assert [r.caption for r in served] == [shapes[i]["caption"] for i in good]
+    assert it.stats()["skipped"] == expected and it.stats()["examples"] == 40
+    # Logging is rate-limited: at most the first 5 of each reason (8 records are corrupt).
+    corrupt_lines = [r for r in caplog.records if "corrupt_image" in r.getMessage()]
+    assert expected["corrupt_image"] == 8 and len(corrupt_lines) == 5
+
+    # An image folder whose list names a missing file, an empty caption and a malformed line.
+    root = tmp_path / "folder"
+    write_image_folder([shapes[i] for i in range(16)], root, by=None)
+    lines = (root / "captions.tsv").read_text().splitlines()
+    lines[3] = "nowhere.png\ta file that does not exist"
+    lines[5] = lines[5].split("\t")[0] + "\t   "
+    lines[9] = "no tab on this line"
+    (root / "captions.tsv").write_text("\n".join(lines + [f"{p}\t{c}" for p, c in
+                                                          (line.split("\t") for line in lines[:3])]) + "\n")
+    it = _pipe(sources.ImageFolderSource(root), train=False, num_epochs=1)
+    indices = np.concatenate([b["index"] for b in it]).tolist()
+    assert indices == [i for i in range(19) if i not in (3, 5, 9)][:16]
+    assert it.stats()["skipped"] == {"missing_image": 1, "corrupt_image": 0, "missing_caption": 1,
+                                     "empty_caption": 1}
+
+
+def test_a_source_with_no_usable_record_fails_instead_of_spinning(shapes, tmp_path):
+    root = tmp_path / "empty_captions"
+    write_image_folder([dict(shapes[i], caption=" ") for i in range(4)], root, by=None)
+    with pytest.raises(RuntimeError, match="all skipped.*'empty_caption': 4"):
+        next(_pipe(sources.ImageFolderSource(root), global_batch_size=2))
+
+
+def test_over_long_captions_are_truncated_with_eot_last_and_counted(shapes, tmp_path):
+    long_caption = "a very small red circle on a plain white background " * 12
+    examples = [dict(shapes[i], caption=long_caption if i % 4 == 0 else shapes[i]["caption"]) for i in range(8)]
+    write_image_folder(examples, tmp_path, by=None)
+    it = _pipe(sources.ImageFolderSource(tmp_path), train=False, num_epochs=1)
+    batch = next(it)
+    tok = default_tokenizer()
+    for row, i in zip(batch["text"], batch["index"]):
+        ids = tok.encode(examples[i]["caption"])
+        expected = [tok.sot_token_id, *ids[:75], tok.eot_token_id] if len(ids) > 75 else \
+            [tok.sot_token_id, *ids, tok.eot_token_id] + [0] * (75 - len(ids))
+        assert row.tolist() == expected
+    assert len(tok.encode(long_caption)) > 75 and batch["text"][0, -1] == tok.eot_token_id
+    assert it.stats()["truncated_captions"] == 2
+
+
+# --------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------
+
+
+def _resume_is_bitwise(make, before=7, after=5):
+    it = make()
+    _take(it, before)
+    state = json.loads(json.dumps(it.get_state()))  # as stored in checkpoint metadata
+    expected, stats = _take(it, after), it.stats()
+    it.close()
+    resumed = make()
+    resumed.set_state(state)
+    got = _take(resumed, after)
+    resumed.close()
+    for x, y in zip(expected, got):
+        for key in ("image", "text", "index"):
+            np.testing.assert_array_equal(x[key], y[key])
+    assert resumed.stats() == stats
+    return state
+
+
+def test_resume_continues_bitwise_across_epochs_and_bad_records(shapes, tmp_path):
+    _bad_tar(tmp_path / "bad.tar", shapes, list(range(30)), long_captions=True)
+    source = sources.TarShardSource(tmp_path / "bad.tar")
+    # 30 good records and 8-example batches: the 12 batches cross three epoch boundaries.
+    state = _resume_is_bitwise(lambda: _pipe(source, seed=5))
+    assert state["batches"] == 7 and sum(state["skipped"].values()) > 0 and state["truncated_captions"] > 0
+    with pytest.raises(ValueError, match=r"'seed': \(5, 6\)"):
+        _pipe(source, seed=6).set_state(state)
+
+
+def test_resume_with_worker_processes(shapes):
+    source = sources.ShapesSource(shapes)
+    state = _resume_is_bitwise(lambda: _pipe(source, seed=1, worker_count=2), before=3, after=3)
+    assert state["pipeline"]["worker_count"] == 2
+    # Workers split the records between them; one epoch still serves each record once.
+    it = _pipe(source, num_epochs=1, worker_count=2)
+    indices = np.concatenate([b["index"] for b in it])
+    it.close()
+    assert len(indices) == len(set(indices.tolist())) >= N - 2 * 8
+
+
+class _MeanColourTask:
+    """A 3-parameter regression on batch images and tokens: enough to see any change in the data order."""
+
+    def init(self, rng):
+        import flax.linen as nn
+
+        return {"params": {"w": nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))(rng, (3,))}}
+
+    def loss(self, params, model_state, batch, rng, step):
+        import jax.numpy as jnp
+
+        pred = jnp.mean(batch["image"], (1, 2)) @ params["w"]  # (b,)
+        loss = jnp.mean((pred - batch["text"][:, 1].astype(jnp.float32) / 49408) ** 2)
+        return loss, {}, None
+
+
+def test_trainer_resumes_the_pipeline_from_its_checkpoint(n_devices, tmp_path):
+    import jax
+
+    from common.trainer import Trainer
+
+    def fit(workdir, steps):
+        data = pipeline.shapes_pipeline("train", 64, 16, 16, read_options=READ)
+        trainer = Trainer(_MeanColourTask(), {"total_steps": steps, "global_batch_size": 16, "checkpoint_every": 2,
+                                              "progress": False, "async_checkpoints": False},
+                          {"learning_rate": 0.1}, workdir)
+        result = trainer.fit(data)
+        trainer.close()
+        return np.asarray(jax.device_get(result.state.params["w"])), data.get_state()
+
+    straight, straight_state = fit(tmp_path / "straight", 6)
+    fit(tmp_path / "resumed", 4)  # stops, as if preempted after its step-4 checkpoint
+    resumed, resumed_state = fit(tmp_path / "resumed", 6)
+    np.testing.assert_array_equal(resumed, straight)
+    assert resumed_state == straight_state and straight_state["batches"] == 6
+    assert np.any(straight != 0)
+
+
+# --------------------------------------------------------------------------
+# Image transforms
+# --------------------------------------------------------------------------
+
+
+def test_eval_mode_equals_clip_preprocess(tmp_path, shapes):
+    rng = np.random.default_rng(0)
+    images = {"wide.png": Image.fromarray(rng.integers(0, 256, (30, 47, 3), np.uint8)),
+              "tall_rgba.png": Image.fromarray(rng.integers(0, 256, (51, 29, 4), np.uint8)),
+              "gray.png": Image.fromarray(rng.integers(0, 256, (33, 33), np.uint8)),
+              "palette.png": Image.fromarray(rng.integers(0, 256, (40, 35, 3), np.uint8)).quantize(16),
+              "photo.jpg": Image.fromarray(rng.integers(0, 256, (36, 44, 3), np.uint8))}
+    for name, img in images.items():
+        img.save(tmp_path / name)
+    (tmp_path / "captions.tsv").write_text("".join(f"{name}\tcaption {name}\n" for name in images))
+    batch = next(_pipe(sources.ImageFolderSource(tmp_path), global_batch_size=5, image_size=24, train=False))
+    for row, name in enumerate(images):
+        np.testing.assert_array_equal(batch["image"][row], clip_preprocess(decode_image(tmp_path / name), 24))
+    # The shapes convenience pipeline: eval for non-train splits, rendered at the output size.
+    val = ShapesDataset("validation", 16, ShapesConfig(image_size=SIZE))
+    batch = next(pipeline.shapes_pipeline("validation", 16, SIZE, 8, shard_index=0, shard_count=1,
+                                          read_options=READ))
+    np.testing.assert_array_equal(batch["image"], np.stack([clip_preprocess_array(val[i]["image"], SIZE)
+                                                            for i in range(8)]))
+
+
+def test_augmentation_varies_by_epoch_and_is_reproducible(shapes):
+    source = sources.ShapesSource(shapes)
+
+    def by_record(it, n_batches):
+        seen = {}
+        for b in _take(it, n_batches):
+            for i, image in zip(b["index"].tolist(), b["image"]):
+                seen.setdefault(i, []).append(image)
+        return seen
+
+    # 15 batches of 8 per epoch: two epochs.
+    first, again = by_record(_pipe(source, seed=2), 30), by_record(_pipe(source, seed=2), 30)
+    assert sorted(first) == list(range(N)) and all(len(v) == 2 for v in first.values())
+    for i in first:
+        np.testing.assert_array_equal(first[i], again[i])
+    changed = sum(not np.array_equal(a, b) for a, b in first.values())
+    assert changed >= N * 0.9
+    # Every augmented view differs from the centred evaluation view of the same record.
+    evaluated = {i: clip_preprocess_array(shapes[i]["image"], SIZE) for i in first}
+    assert sum(np.array_equal(first[i][0], evaluated[i]) for i in first) <= N * 0.1
+    # A crop of the whole image (scale 1, ratio 1) is the evaluation transform of a square image.
+    whole = pipeline.AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    batch = next(_pipe(source, image_size=24, augment=whole))
+    np.testing.assert_array_equal(batch["image"], np.stack([clip_preprocess_array(shapes[i]["image"], 24)
+                                                            for i in batch["index"].tolist()]))
+
+
+def test_random_resized_crop_box_follows_scale_and_ratio():
+    cfg = pipeline.AugmentConfig(scale=(0.3, 0.6), ratio=(0.5, 2.0))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = pipeline.random_resized_crop_box(80, 60, cfg, rng)
+        assert 0 <= top <= 60 - h and 0 <= left <= 80 - w
+        assert 0.3 * 4800 * 0.9 <= h * w <= 0.6 * 4800 * 1.1 and 0.45 <= w / h <= 2.2
+    # No sample fits a 100 x 8 strip at scale >= 0.9: torchvision's fallback, the central crop at ratio 4/3.
+    top, left, h, w = pipeline.random_resized_crop_box(100, 8, pipeline.AugmentConfig(), rng)
+    assert (top, h, w) == (0, 8, 11) and left == (100 - 11) // 2
+    img = Image.fromarray(np.arange(80 * 60 * 3, dtype=np.uint8).reshape(60, 80, 3))
+    out = pipeline.random_resized_crop(img, 16, cfg, np.random.default_rng(7))
+    top, left, h, w = pipeline.random_resized_crop_box(80, 60, cfg, np.random.default_rng(7))
+    expected = img.crop((left, top, left + w, top + h)).resize((16, 16), Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+def test_sentencepiece_captions_are_truncated_and_counted(shapes, tmp_path):
+    from common.tokenizers.sentencepiece import EOS_ID, PAD_ID, train_bpe
+
+    sp = train_bpe((shapes[i]["caption"] for i in range(N)), vocab_size=320, allow_smaller_vocab=True)
+    examples = [dict(shapes[i], caption=shapes[i]["caption"] + " on a sunny day" * (6 if i % 2 else 0))
+                for i in range(8)]
+    write_image_folder(examples, tmp_path, by=None)
+    source = sources.ImageFolderSource(tmp_path)
+    it = _pipe(source, train=False, tokenizer=pipeline.SentencePieceTextTokenizer(sp, add_eos=True),
+               context_length=16)
+    batch = next(it)
+    truncated = 0
+    for row, i in zip(batch["text"], batch["index"]):
+        ids = sp.encode(examples[i]["caption"])
+        truncated += len(ids) > 15
+        assert row.tolist() == (ids[:15] + [EOS_ID] + [PAD_ID] * (15 - len(ids)))[:16]
+    assert truncated >= 4 and it.stats()["truncated_captions"] == truncated
