@@ -139,11 +139,12 @@ def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
     """Raises a clear error when the global batch can't be split over the mesh."""
     ways = batch_axis_size(mesh)
     if global_batch % ways:
-        lower = global_batch - global_batch % ways
+        below = global_batch - global_batch % ways
+        options = f"{below} or {below + ways}" if below else f"{ways} or {2 * ways}"
         raise ShardingError(
             f"Global batch {global_batch} does not divide over the mesh's batch axes "
             f"{dict((n, mesh.shape[n]) for n in BATCH_AXES)} ({ways} ways). "
-            f"Use a multiple of {ways}, e.g. {lower or ways} or {lower + ways}."
+            f"Use a multiple of {ways}, e.g. {options}."
         )
 
 
