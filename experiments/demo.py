@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = get_config("smoke")
     config.data = dict(source="tar", shards=str(workdir / "data" / "train_shards"), crop_scale=(0.9, 1.0), workers=0)
     if args.steps:
-        config.trainer.total_steps = config.optim.total_steps = args.steps
+        config.trainer.total_steps = args.steps  # config.optim.total_steps follows
     summary["clip"] = clip_train.run(config, workdir / "clip")
     log.info("clip: %s", summary["clip"])
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
