@@ -1,4 +1,4 @@
-"""Training the dVAE: the relaxed ELBO, its annealing schedules, a jitted step and a plain loop.
+"""Training the dVAE on the shared trainer: the relaxed ELBO, its annealing schedules and `DVAETask`.
 
 Ramesh et al. 2021, sec. 2.1 and appendix A.2. The objective maximised is the evidence lower bound
 with the Gumbel-softmax relaxation (Jang et al. 2017; Maddison et al. 2017) of the codes:
@@ -13,16 +13,17 @@ annealing of tau "typically led to divergence"), and the step size 1e-4 -> 1.25e
 updates, all with cosine schedules; Adam with b2 = 0.999 and weight decay 1e-4; parameters
 averaged with decay 0.999 (the ones evaluated here when `ema_decay > 0`).
 
-The loop is a plain single-task one until `common/trainer.py` takes over.
+`DVAETask` plugs this into `common/trainer.py` (sharded step, checkpoints with the data position,
+preemption-safe resume); `train(config, workdir)` is what `python -m experiments.run --config
+experiments/configs/dvae.py` calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -32,14 +33,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import struct
 from jax.experimental import multihost_utils
 
 from common import sharding as sh
-from common.data.shapes import ShapesConfig, ShapesDataset
-from common.images import save_image_grid
-from common.metrics import MetricWriter, plot_curves, progress_bar
-from common.optim import OptimConfig, make_optimizer
+from common.data.pipeline import AugmentConfig, make_image_text_pipeline
+from common.images import CLIP_MEAN, CLIP_STD, save_image_grid
+from common.metrics import plot_curves
+from common.trainer import Trainer
 from dalle_jax.dvae import DVAE, DVAEConfig, logit_laplace_nll, map_pixels, stats_to_pixels
 
 log = logging.getLogger(__name__)
@@ -131,46 +131,63 @@ def dvae_loss(
     return loss, metrics
 
 
-class TrainState(struct.PyTreeNode):
-    step: jax.Array  # () int32, optimizer updates done
-    params: Any
-    opt_state: Any
-    ema_params: Any  # parameter average used for evaluation; None when ema_decay == 0
-    rng: jax.Array  # base key; step t uses fold_in(rng, t)
+def _unit_interval(images: jax.Array) -> jax.Array:
+    """uint8 (B, H, W, C) -> float32 in [0, 1]."""
+    return images.astype(jnp.float32) / 255.0
 
 
-def train_step(
-    state: TrainState,
-    images: jax.Array,
-    *,
-    model: DVAE,
-    tx: optax.GradientTransformation,
-    loss_cfg: LossConfig,
-    ema_decay: float,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update on (B, H, W, C) uint8 images. Pure; jit it with `donate_argnums=0`."""
-    images = images.astype(jnp.float32) / 255.0
-    rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(functools.partial(dvae_loss, model=model, loss_cfg=loss_cfg), has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, images, rng, state.step)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = None if state.ema_params is None else optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+class DVAETask:
+    """The dVAE as a `common.trainer.Task`: batches are {"image": uint8 (B, H, W, C)}.
 
+    With `ema_decay > 0` the variables hold an "ema" collection, the parameter average that
+    evaluation uses. The trainer's loss sees the parameters an update starts from, so the average
+    is the one of those: a step behind `optax.incremental_update` after each update, a difference
+    of (1 - ema_decay) times one update.
+    """
 
-def eval_step(params: Any, images: jax.Array, *, model: DVAE) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Reconstructs uint8 images through their argmax codes. Returns the (B, H, W, C) reconstructions
-    in [0, 1] and batch sums: squared error per image, PSNR per image, and (vocab,) code counts."""
-    x = images.astype(jnp.float32) / 255.0
-    logits = model.apply({"params": params}, map_pixels(x), method=DVAE.encode)
-    codes = jnp.argmax(logits, axis=-1)  # (B, h, w)
-    rec = stats_to_pixels(model.apply({"params": params}, codes.astype(jnp.int32), method=DVAE.decode))
-    mse = jnp.mean(jnp.square(rec - x), axis=(1, 2, 3))  # (B,)
-    psnr = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))  # peak value 1
-    counts = jnp.zeros(logits.shape[-1], jnp.int32).at[codes.ravel()].add(1)
-    return rec, dict(mse=mse.sum(), psnr=psnr.sum(), count=jnp.asarray(mse.shape[0], jnp.float32), code_counts=counts)
+    def __init__(self, model: DVAE, loss_cfg: LossConfig, *, image_size: int, ema_decay: float = 0.0):
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"Expected 0 <= ema_decay < 1 (0 disables averaging), found {ema_decay}.")
+        multiple = model.config.downsample
+        if image_size < multiple or image_size % multiple:
+            raise ValueError(f"image_size={image_size} must be a positive multiple of {multiple}, the dVAE's "
+                             f"downsampling with group_count={model.config.group_count}; pick e.g. "
+                             f"{max(multiple, image_size // multiple * multiple)}.")
+        self.model, self.loss_cfg, self.image_size, self.ema_decay = model, loss_cfg, image_size, ema_decay
+
+    def init(self, rng: jax.Array) -> dict[str, Any]:
+        k_params, k_gumbel = jax.random.split(rng)
+        dummy = jnp.zeros((1, self.image_size, self.image_size, self.model.config.channels), jnp.float32)
+        variables = dict(self.model.init({"params": k_params, "gumbel": k_gumbel}, dummy, 1.0))
+        if self.ema_decay > 0:
+            variables["ema"] = variables["params"]  # same logical axes, hence the same shardings
+        return variables
+
+    def loss(self, params, model_state, batch, rng, step):
+        loss, metrics = dvae_loss(params, _unit_interval(batch["image"]), rng, step, model=self.model,
+                                  loss_cfg=self.loss_cfg)
+        new_state = None
+        if self.ema_decay > 0:
+            new_state = {"ema": optax.incremental_update(params, model_state["ema"], 1.0 - self.ema_decay)}
+        return loss, metrics, new_state
+
+    def eval_params(self, params: Any, model_state: Mapping[str, Any]) -> Any:
+        """The parameters evaluated: the average when there is one."""
+        return model_state.get("ema", params)
+
+    def reconstruct(self, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """uint8 (B, H, W, C) -> ((B, h, w) argmax codes, (B, H, W, C) reconstructions in [0, 1])."""
+        variables = {"params": params}
+        logits = self.model.apply(variables, map_pixels(_unit_interval(images)), method=DVAE.encode)
+        codes = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # (B, h, w)
+        return codes, stats_to_pixels(self.model.apply(variables, codes, method=DVAE.decode))
+
+    def eval_metrics(self, params, model_state, batch):
+        """Batch means of the squared error and of the PSNR (peak 1) per image, through argmax codes."""
+        _, rec = self.reconstruct(self.eval_params(params, model_state), batch["image"])
+        mse = jnp.mean(jnp.square(rec - _unit_interval(batch["image"])), axis=(1, 2, 3))  # (B,)
+        psnr = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+        return {"mse": jnp.mean(mse), "psnr": jnp.mean(psnr)}
 
 
 def codebook_stats(code_counts: np.ndarray) -> dict[str, float]:
@@ -180,112 +197,152 @@ def codebook_stats(code_counts: np.ndarray) -> dict[str, float]:
     return dict(perplexity=float(np.exp(-np.sum(nz * np.log(nz)))), dead_codes=int(np.sum(code_counts == 0)))
 
 
-def shapes_batches(
-    split: str, num_examples: int, image_size: int, batch_size: int, *, seed: int, shuffle: bool
-) -> Iterator[np.ndarray]:
-    """(batch, S, S, 3) uint8 batches of this host's share of the shapes dataset, epoch after epoch
-    (or one pass when not shuffling). Each process reads `batch_size / process_count` rows."""
-    ds = ShapesDataset(split, num_examples, ShapesConfig(image_size=image_size, seed=seed))
-    per_host = batch_size // jax.process_count()
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(num_examples) if shuffle else np.arange(num_examples)
-        order = order[jax.process_index() :: jax.process_count()]
-        for i in range(0, len(order) - per_host + 1, per_host):
-            yield np.stack([ds[int(j)]["image"] for j in order[i : i + per_host]])
-        if not shuffle:
-            return
+# --------------------------------------------------------------------------
+# Data: the grain image-text pipeline, images only
+# --------------------------------------------------------------------------
 
 
-def evaluate(
-    params: Any, batches: Iterator[np.ndarray], eval_fn: Callable, mesh: Any
-) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
-    """Mean MSE / PSNR over the batches plus codebook usage; also the first batch's reconstructions.
-    Batches must be full (`shapes_batches` drops a last partial one)."""
-    totals, first = None, None
-    for images in batches:
-        rec, sums = eval_fn(params, sh.shard_batch(images, mesh))
-        sums = jax.device_get(sums)
-        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-        if first is None:
-            # Rows of every process, in process order: this host's rows come at its offset (0 on the chief).
-            first = (images, np.asarray(multihost_utils.process_allgather(rec, tiled=True)))
-    n = totals["count"]
-    metrics = dict(eval_mse=float(totals["mse"] / n), eval_psnr=float(totals["psnr"] / n))
-    metrics.update({f"eval_{k}": v for k, v in codebook_stats(np.asarray(totals["code_counts"])).items()})
-    return metrics, first
+def _no_text(text: str, context_length: int) -> tuple[np.ndarray, bool]:
+    """The pipeline's tokenizer slot: the dVAE reads no text (module level, so worker processes can pickle it)."""
+    return np.zeros(context_length, np.int32), False
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, float]]:
-    """Trains a dVAE on the shapes dataset as `config` (experiments/configs/dvae.py) says.
+def clip_normalized_to_uint8(x: np.ndarray) -> np.ndarray:
+    """Inverse of `common.images.normalize_rgb`: float32 (..., 3) -> the exact uint8 pixels."""
+    rgb = (x * np.asarray(CLIP_STD, np.float32) + np.asarray(CLIP_MEAN, np.float32)) * 255.0
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)  # float32 error << 0.5: rounding recovers each value
 
-    Writes `metrics.jsonl` (+ TensorBoard), `recon_<step>.png` grids (originals over their
-    reconstructions) and `curves.png` under `workdir`. Returns the eval records, step 0 first.
+
+class ImageBatches:
+    """An `ImageTextIterator` as {"image": uint8 (b, S, S, 3)} batches; its state and stats pass through."""
+
+    def __init__(self, pipeline: Any):
+        self._pipeline = pipeline
+
+    def __iter__(self) -> ImageBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return {"image": clip_normalized_to_uint8(next(self._pipeline)["image"])}
+
+    def get_state(self) -> dict[str, Any]:
+        return self._pipeline.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._pipeline.set_state(state)
+
+    def stats(self) -> dict[str, Any]:
+        return self._pipeline.stats()
+
+    def close(self) -> None:
+        self._pipeline.close()
+
+
+def image_batches(source: Any, data_cfg: Any, *, global_batch_size: int, image_size: int, seed: int,
+                  train: bool = True, num_epochs: int | None = None) -> ImageBatches:
+    """Host-local uint8 batches of `source`; training takes square random crops of `data_cfg.crop_scale`
+    of the image area (None: the whole image, resized and centre-cropped as in evaluation)."""
+    scale = data_cfg.get("crop_scale")
+    augment = AugmentConfig(scale=tuple(scale), ratio=(1.0, 1.0)) if train and scale is not None else None
+    return ImageBatches(make_image_text_pipeline(
+        source, global_batch_size=global_batch_size, image_size=image_size, tokenizer=_no_text, context_length=2,
+        train=train, seed=seed, num_epochs=num_epochs, worker_count=data_cfg.get("workers", 0), augment=augment))
+
+
+# --------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------
+
+
+def make_task(config: ml_collections.ConfigDict) -> DVAETask:
+    """The `DVAETask` that experiments/configs/dvae.py describes."""
+    model_cfg = dict(config.model)
+    dtype = jnp.dtype(model_cfg.pop("dtype", "float32"))
+    model = DVAE(DVAEConfig(**model_cfg), dtype=dtype, param_dtype=jnp.float32)
+    return DVAETask(model, LossConfig.from_any(config.loss), image_size=config.image_size,
+                    ema_decay=config.ema_decay)
+
+
+def codebook_usage(task: DVAETask, params: Any, batches: Iterator[dict[str, np.ndarray]], mesh: Any,
+                   num_images: int) -> tuple[dict[str, float], np.ndarray]:
+    """Code perplexity and dead codes over all `batches`, and a grid: the first `num_images`
+    originals of the first batch above their reconstructions, (2 n, H, W, C) in [0, 1]."""
+
+    def usage(params, images):
+        codes, rec = task.reconstruct(params, images)
+        return jnp.zeros(task.model.config.vocab_size, jnp.int32).at[codes.ravel()].add(1), rec  # (vocab,), rec
+
+    usage = jax.jit(usage, out_shardings=(sh.replicated(mesh), sh.batch_sharding(mesh, 4)))
+
+    counts, grid = np.zeros(task.model.config.vocab_size, np.int64), None
+    with sh.use_mesh(mesh):
+        for host_batch in batches:
+            batch_counts, rec = usage(params, sh.shard_batch(host_batch["image"], mesh))
+            counts += np.asarray(jax.device_get(batch_counts))
+            if grid is None:
+                # Rows of every process in process order: the first ones are process 0's, which writes the grid.
+                n = min(num_images, len(host_batch["image"]))
+                rec = np.asarray(multihost_utils.process_allgather(rec, tiled=True))[:n]
+                grid = np.concatenate([host_batch["image"][:n] / 255.0, rec])
+    if grid is None:
+        raise ValueError("The eval data gave no batch: it needs at least one global batch of usable images.")
+    return codebook_stats(counts), grid
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Trains a dVAE as `config` (experiments/configs/dvae.py) says, resuming from the last
+    checkpoint in `workdir`; then, when `config.eval_data` is set, evaluates it.
+
+    Writes under `workdir`: checkpoints, `metrics.jsonl` (+ TensorBoard), `loss.png` and
+    `curves.png`, `reconstructions.png` (eval originals over their reconstructions) and
+    `summary.json`, which is also returned: eval MSE, PSNR, code perplexity and dead codes.
     """
+    from clip_jax.train import make_source  # noqa: PLC0415  (the data sources CLIP configs name)
+
     workdir = Path(workdir)
-    model = DVAE(DVAEConfig(**config.model), dtype=jnp.dtype(config.dtype), param_dtype=jnp.float32)
-    loss_cfg = LossConfig.from_any(config.loss)
-    tx = make_optimizer(OptimConfig.from_any(config.optim))
-    mesh = sh.make_mesh(config.mesh)
-    sh.check_batch_divisible(config.batch_size, mesh)
-    size = config.data.image_size
+    workdir.mkdir(parents=True, exist_ok=True)
+    task = make_task(config)
+    trainer = Trainer(task, config.trainer, config.optim, workdir)
+    sizes = dict(global_batch_size=trainer.cfg.global_batch_size, image_size=config.image_size)
+    data = image_batches(make_source(config.data), config.data, seed=trainer.cfg.seed, **sizes)
+    eval_batches = None
+    if config.get("eval_data") is not None:
+        eval_source = make_source(config.eval_data)  # opened now: a bad path fails before training, not after
 
-    def init_state(rng):
-        k_params, k_gumbel, k_train = jax.random.split(rng, 3)
-        dummy = jnp.zeros((1, size, size, model.config.channels), jnp.float32)
-        params = model.init({"params": k_params, "gumbel": k_gumbel}, dummy, 1.0)["params"]
-        ema = params if config.ema_decay > 0 else None
-        step = jnp.zeros((), jnp.int32)
-        return TrainState(step=step, params=params, opt_state=tx.init(params), ema_params=ema, rng=k_train)
+        def eval_batches():
+            return image_batches(eval_source, config.eval_data, seed=0, train=False, num_epochs=1, **sizes)
 
-    state, state_shardings = sh.init_sharded(init_state, jax.random.PRNGKey(config.seed), mesh=mesh)
-    data_sharding, replicated = sh.batch_sharding(mesh, 4), sh.replicated(mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, loss_cfg=loss_cfg, ema_decay=config.ema_decay),
-        in_shardings=(state_shardings, data_sharding),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=(data_sharding, replicated))
-    data = functools.partial(shapes_batches, image_size=size, batch_size=config.batch_size, seed=config.data.seed)
-    train_data = data("train", config.data.train_examples, shuffle=True)
-
-    def eval_batches():
-        return data("validation", config.data.eval_examples, shuffle=False)
-
-    history, pending = [], []
-    writer = MetricWriter(workdir)
-
-    def run_eval(step):
-        params = state.params if state.ema_params is None else state.ema_params
-        metrics, (images, rec) = evaluate(params, eval_batches(), eval_fn, mesh)
-        writer.write_scalars(step, metrics)
-        n = min(config.num_grid_images, len(images))
+    result = trainer.fit(data, eval_batches=eval_batches)
+    summary: dict[str, Any] = {
+        "steps": result.step,
+        "first_loss": result.history[0]["loss"] if result.history else None,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "examples_per_second": result.examples_per_second,
+        "nonfinite_steps": result.nonfinite_total,
+        "preempted": result.preempted,
+        "mesh": dict(trainer.mesh.shape),
+        "eval": None,
+        "data": data.stats(),
+    }
+    if eval_batches is not None and not result.preempted:
+        done = result.eval_history and result.eval_history[-1]["step"] == result.step
+        if done:
+            recon = {k: v for k, v in result.eval_history[-1].items() if k != "step"}
+        else:  # nothing trained in this call (already finished, or total_steps=0)
+            with sh.use_mesh(trainer.mesh):
+                recon = trainer.evaluate(eval_batches())
+        params = task.eval_params(result.state.params, result.state.model_state)
+        usage, grid = codebook_usage(task, params, eval_batches(), trainer.mesh, config.num_grid_images)
+        summary["eval"] = {**recon, **usage}
+        log.info("eval at step %d: %s", result.step, summary["eval"])
         if jax.process_index() == 0:
-            save_image_grid(np.concatenate([images[:n] / 255.0, rec[:n]]), workdir / f"recon_{step:06d}.png", ncols=n)
-        history.append(dict(step=step, **metrics))
-        log.info("step %d: %s", step, metrics)
-
-    with sh.use_mesh(mesh), writer:
-        run_eval(0)
-        start = time.perf_counter()
-        bar = progress_bar(config.num_steps, desc="dvae")
-        for step in range(1, config.num_steps + 1):
-            state, metrics = step_fn(state, sh.shard_batch(next(train_data), mesh))
-            pending.append(metrics)
-            if step % config.log_every == 0 or step == config.num_steps:
-                pending = jax.device_get(pending)
-                means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
-                means["images_per_sec"] = len(pending) * config.batch_size / (time.perf_counter() - start)
-                writer.write_scalars(step, means)
-                bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
-                pending, start = [], time.perf_counter()
-            if step % config.eval_every == 0 or step == config.num_steps:
-                eval_start = time.perf_counter()
-                run_eval(step)
-                start += time.perf_counter() - eval_start  # keep evaluation out of images_per_sec
-            bar.update()
-        bar.close()
+            save_image_grid(grid, workdir / "reconstructions.png", ncols=len(grid) // 2)
+    data.close()
+    trainer.close()
     if jax.process_index() == 0:
-        plot_curves(workdir, ["loss", "kl_per_image", "eval_psnr", "eval_perplexity"], workdir / "curves.png")
-    return history
+        if result.history:
+            curves = ["loss", "nll_per_dim", "kl_per_image", "temperature"]
+            curves += ["eval/psnr"] if result.eval_history else []
+            plot_curves(workdir / "metrics.jsonl", curves, workdir / "curves.png")
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary

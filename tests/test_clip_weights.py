@@ -53,6 +53,7 @@ def _check(bundle, model, cfg):
     want = _openai_outputs(model, images, texts)
     got = (bundle.encode_image(images), bundle.encode_text(texts), bundle.logits(images, texts)[0])
     errs = [float(np.abs(np.asarray(g) - w).max()) for g, w in zip(got, want)]
+    print(f"max abs diff (image, text, logits) for {bundle.source} {cfg.vision.is_resnet and 'RN' or 'ViT'}: {errs}")
     assert max(errs) <= TOL, errs
     return errs
 

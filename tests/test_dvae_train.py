@@ -1,26 +1,63 @@
-"""dVAE training: annealing schedules, loss pieces, codebook metrics, and a short run that learns."""
+"""dVAE training: annealing schedules, loss pieces, codebook metrics, and runs through the shared trainer
+(learning, bitwise resume across a restart, the `experiments.run` command line)."""
 
 import functools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax.experimental.compilation_cache import compilation_cache
 
+from clip_jax.train import make_source
+from common.data.shapes import ShapesConfig, ShapesDataset
+from common.trainer import Trainer
 from dalle_jax.dvae import DVAE, DVAEConfig, logit_laplace_nll, map_pixels
 from dalle_jax.dvae_train import (
     LossConfig,
     codebook_stats,
     dvae_loss,
+    image_batches,
     kl_to_uniform,
     kl_weight_schedule,
+    make_task,
     temperature_schedule,
     train,
 )
 from experiments.configs.dvae import get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
+# Every run below: the smoke recipe at one image per simulated device (steps twice as fast on this
+# 2-core CPU), with a parameter average so that its update, use in evaluation and checkpointing run too.
+SMOKE_OVERRIDES = {"trainer.global_batch_size": 8, "ema_decay": 0.5}
+
+
+def smoke_config(**overrides):
+    config = get_config("smoke")
+    config.update_from_flattened_dict({**SMOKE_OVERRIDES, **overrides})
+    return config
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache for this module's runs: every smoke run (and the command-line one, in
+    its own process) compiles the same steps, so only the first pays for compiling them."""
+    path = str(tmp_path_factory.mktemp("xla_cache"))
+    saved = {name: getattr(jax.config, name) for name in ("jax_compilation_cache_dir", *_CACHE_OPTIONS)}
+    for name, value in {"jax_compilation_cache_dir": path, **_CACHE_OPTIONS}.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()  # the cache is set up once per process: make it see the new dir
+    yield path
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 def test_paper_schedules_closed_form():
@@ -84,21 +121,70 @@ def test_loss_is_scaled_elbo_and_trains_the_encoder():
     assert float(encoder_grad) > 0  # gradients reach the encoder through the relaxed codes
 
 
-def test_short_training_run_improves_reconstructions(tmp_path):
+def test_batches_hold_the_exact_source_pixels():
+    """The grain pipeline hands out CLIP-normalised floats; the dVAE must see the original uint8 pixels."""
     config = get_config("smoke")
-    config.num_steps = 150
-    config.eval_every = 150
-    config.ema_decay = 0.5  # exercises the averaged parameters that evaluation then uses
-    history = train(config, tmp_path)
-    first, last = history[0], history[-1]
-    assert (first["step"], last["step"]) == (0, 150)
-    assert last["eval_psnr"] > first["eval_psnr"] + 4.0, history
-    assert last["eval_mse"] < first["eval_mse"]
-    assert 1.0 <= last["eval_perplexity"] <= config.model.vocab_size
-    assert 0 <= last["eval_dead_codes"] < config.model.vocab_size
-    for name in ("recon_000000.png", "recon_000150.png", "curves.png", "metrics.jsonl"):
-        assert (tmp_path / name).is_file(), name
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train_records = [r for r in records if "loss" in r]
-    assert len(train_records) == 6 and all(math.isfinite(r["loss"]) for r in train_records)
-    assert train_records[-1]["loss"] < train_records[0]["loss"]
+    batches = image_batches(make_source(config.eval_data), config.eval_data, global_batch_size=16,
+                            image_size=config.image_size, seed=0, train=False, num_epochs=1)
+    dataset = ShapesDataset("validation", 64, ShapesConfig(image_size=config.image_size))
+    for start in (0, 16):
+        images = next(batches)["image"]
+        expected = np.stack([dataset[i]["image"] for i in range(start, start + 16)])
+        assert images.dtype == np.uint8
+        np.testing.assert_array_equal(images, expected)
+    assert batches.get_state()["batches"] == 2
+
+
+def test_training_through_the_trainer_improves_reconstructions(compile_cache, tmp_path):
+    untrained = train(smoke_config(**{"trainer.total_steps": 0}), tmp_path / "untrained")["eval"]
+    config = smoke_config(**{"trainer.total_steps": 150, "trainer.eval_every": 75})
+    summary = train(config, tmp_path / "run")
+    ev, vocab = summary["eval"], config.model.vocab_size
+    assert summary["steps"] == 150 and summary["nonfinite_steps"] == 0 and not summary["preempted"]
+    assert ev["psnr"] > untrained["psnr"] + 4.0, (untrained, ev)
+    assert ev["mse"] < untrained["mse"]
+    assert 1.0 <= ev["perplexity"] <= vocab and 0 <= ev["dead_codes"] < vocab
+    for name in ("reconstructions.png", "curves.png", "loss.png", "metrics.jsonl", "summary.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert [r["step"] for r in records if "eval/psnr" in r] == [75, 150]
+
+
+def _final_state(config, workdir):
+    trainer = Trainer(make_task(config), config.trainer, config.optim, workdir)
+    assert trainer.restore_if_any(None) == config.trainer.total_steps
+    state = jax.device_get(trainer.state)
+    trainer.close()
+    return state
+
+
+def test_command_line_run_resumes_bitwise(compile_cache, tmp_path):
+    """`experiments.run` trains 5 steps and exits; the same config with 8 steps resumes from its
+    checkpoint (train state, data position) and ends bitwise where an uninterrupted 8-step run does."""
+    overrides = {**SMOKE_OVERRIDES, "trainer.total_steps": 5, "trainer.log_every": 1}
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/dvae.py:smoke",
+           "--workdir", str(tmp_path / "resumed"), *(f"--config.{k}={v}" for k, v in overrides.items())]
+    config = smoke_config(**{**overrides, "trainer.total_steps": 8})
+    straight = train(config, tmp_path / "straight")  # first: it fills the compilation cache
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert first["steps"] == 5 and first["eval"]["psnr"] > 0
+    assert (tmp_path / "resumed" / "reconstructions.png").is_file()
+
+    resumed = train(config, tmp_path / "resumed")
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))  # 6..8 continued, not retrained
+    assert resumed["eval"] == straight["eval"] and resumed["final_loss"] == straight["final_loss"]
+    assert resumed["data"] == straight["data"] and straight["data"]["batches"] == 8
+    a, b = _final_state(config, tmp_path / "straight"), _final_state(config, tmp_path / "resumed")
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert int(a.step) == 8 and "ema" in a.model_state  # the averaged parameters are checkpointed too
+    assert not np.array_equal(a.model_state["ema"]["decoder"]["output"]["kernel"], a.params["decoder"]["output"]["kernel"])
