@@ -26,6 +26,7 @@ class CLIP(nn.Module):
 
     dtype: compute dtype (bf16 on accelerators); param_dtype: storage dtype.
     remat / scan_layers: see `clip_jax.layers.Transformer`; the ResNet tower supports remat only.
+    train_batchnorm: the ResNet's BatchNorm uses (and updates) batch statistics, as in training.
     """
 
     config: CLIPConfig
@@ -33,11 +34,14 @@ class CLIP(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    train_batchnorm: bool = False  # ModifiedResNet only: batch statistics; apply with mutable=["batch_stats"]
 
     def setup(self):
         cfg = self.config
         if cfg.vision.is_resnet:
-            self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim, self.dtype, self.param_dtype, self.remat)
+            self.visual = ModifiedResNet(
+                cfg.vision, cfg.embed_dim, self.dtype, self.param_dtype, self.remat, self.train_batchnorm
+            )
         else:
             self.visual = VisionTransformer(
                 cfg.vision, cfg.embed_dim, self.dtype, self.param_dtype, self.remat, self.scan_layers

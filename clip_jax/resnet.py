@@ -43,6 +43,7 @@ class _ConvBN(nn.Module):
     rgb_input: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    train_batchnorm: bool = False  # batch statistics (and running-average updates) instead of stored ones
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -61,8 +62,10 @@ class _ConvBN(nn.Module):
             name="conv",
         )(x)
         scale_init = nn.initializers.zeros_init() if self.zero_scale else nn.initializers.ones_init()
+        # In training mode the statistics are over the global batch: on a sharded batch XLA
+        # reduces across devices, i.e. synchronised BatchNorm.
         return nn.BatchNorm(
-            use_running_average=True,
+            use_running_average=not self.train_batchnorm,
             momentum=0.9,  # torch momentum 0.1
             epsilon=1e-5,
             scale_init=partitioned(scale_init, ("norm",)),
@@ -80,11 +83,13 @@ class Bottleneck(nn.Module):
     stride: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    train_batchnorm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         conv_bn = lambda features, kernel, name, **kw: _ConvBN(  # noqa: E731
-            features, kernel, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw
+            features, kernel, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+            train_batchnorm=self.train_batchnorm, **kw
         )
         out = nn.relu(conv_bn(self.planes, 1, "conv1")(x))
         out = nn.relu(conv_bn(self.planes, 3, "conv2")(out))
@@ -137,6 +142,7 @@ class ModifiedResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # recompute each Bottleneck in the backward pass
+    train_batchnorm: bool = False  # see _ConvBN; apply with mutable=["batch_stats"]
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -146,7 +152,8 @@ class ModifiedResNet(nn.Module):
         if images.ndim != 4 or images.shape[1:] != (size, size, 3):
             raise ValueError(f"expected images of shape (batch, {size}, {size}, 3) (NHWC), found {images.shape}")
         conv_bn = lambda features, name, **kw: _ConvBN(  # noqa: E731
-            features, 3, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw
+            features, 3, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+            train_batchnorm=self.train_batchnorm, **kw
         )
         x = images.astype(self.dtype)
         x = nn.relu(conv_bn(width // 2, "conv1", stride=2, rgb_input=True)(x))  # (B, H/2, W/2, width/2)
@@ -158,7 +165,8 @@ class ModifiedResNet(nn.Module):
             for i in range(depth):
                 stride = 2 if stage > 0 and i == 0 else 1
                 x = block(
-                    width * 2**stage, stride, self.dtype, self.param_dtype, name=f"layer{stage + 1}_{i}"
+                    width * 2**stage, stride, self.dtype, self.param_dtype, self.train_batchnorm,
+                    name=f"layer{stage + 1}_{i}",
                 )(x)  # stage 4: (B, H/32, W/32, 32 width)
         return AttentionPool2d(
             size // 32, cfg.heads, self.embed_dim, self.dtype, self.param_dtype, name="attnpool"

@@ -35,16 +35,21 @@ SIGLIP_INIT_SCALE, SIGLIP_INIT_BIAS = math.log(10.0), -10.0
 class CLIPTask:
     """Contrastive image-text training of a `CLIP` module.
 
-    ModifiedResNet towers run their BatchNorm in inference mode (statistics
-    frozen at their initial or imported values), as when fine-tuning.
+    ModifiedResNet towers train their BatchNorm as OpenAI did: batch statistics
+    (over the global batch: synchronised across devices) in the loss, running
+    averages updated every step and used for evaluation. `freeze_batchnorm`
+    keeps the stored statistics instead, as when fine-tuning.
     """
 
     def __init__(self, config: CLIPConfig, *, loss: str = "softmax", dtype: Any = jnp.float32,
-                 remat: bool = False, scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None):
+                 remat: bool = False, scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None,
+                 freeze_batchnorm: bool = False):
         if loss not in ("softmax", "sigmoid"):
             raise ValueError(f"loss must be 'softmax' or 'sigmoid', found {loss!r}.")
         self.config, self.loss_kind, self.mesh = config, loss, mesh
         self.model = CLIP(config, dtype=dtype, remat=remat, scan_layers=scan_layers)
+        self.train_batchnorm = config.vision.is_resnet and not freeze_batchnorm
+        self.train_model = self.model.clone(train_batchnorm=self.train_batchnorm)
 
     def init(self, rng: jax.Array) -> dict:
         variables = dict(self.model.init(rng, *dummy_inputs(self.config)))
@@ -56,23 +61,24 @@ class CLIPTask:
             variables["params"] = params
         return variables
 
-    def _features(self, params: Any, model_state: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+    def _loss(self, params, model_state, batch, train: bool):
         variables = {"params": params, **model_state}
-        images = self.model.apply(variables, batch["image"], method=CLIP.encode_image)  # (B, E)
         texts = self.model.apply(variables, batch["text"], method=CLIP.encode_text)  # (B, E)
-        return images, texts
-
-    def _loss(self, params, model_state, batch):
-        images, texts = self._features(params, model_state, batch)
-        return losses.contrastive_loss(self.loss_kind, images, texts, params["logit_scale"],
-                                       params.get("logit_bias"), mesh=self.mesh)
+        new_model_state = None
+        if train and self.train_batchnorm:
+            images, new_model_state = self.train_model.apply(
+                variables, batch["image"], method=CLIP.encode_image, mutable=["batch_stats"])  # (B, E)
+        else:
+            images = self.model.apply(variables, batch["image"], method=CLIP.encode_image)  # (B, E)
+        loss, metrics = losses.contrastive_loss(self.loss_kind, images, texts, params["logit_scale"],
+                                                params.get("logit_bias"), mesh=self.mesh)
+        return loss, metrics, new_model_state
 
     def loss(self, params, model_state, batch, rng, step):
-        loss, metrics = self._loss(params, model_state, batch)
-        return loss, metrics, None
+        return self._loss(params, model_state, batch, train=True)
 
     def eval_metrics(self, params, model_state, batch):
-        loss, metrics = self._loss(params, model_state, batch)
+        loss, metrics, _ = self._loss(params, model_state, batch, train=False)
         return {"loss": loss, **metrics}
 
 
@@ -158,7 +164,8 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     cfg = model_config(config.model)
     trainer_cfg = dict(config.trainer)
     task = CLIPTask(cfg, loss=config.loss, dtype=_dtype(config.model.get("dtype", "float32")),
-                    remat=config.model.get("remat", False), scan_layers=config.model.get("scan_layers", False))
+                    remat=config.model.get("remat", False), scan_layers=config.model.get("scan_layers", False),
+                    freeze_batchnorm=config.model.get("freeze_batchnorm", False))
     trainer = Trainer(task, trainer_cfg, dict(config.optim), workdir)
     task.mesh = trainer.mesh  # sharded loss over the trainer's mesh
     sizes = dict(global_batch_size=trainer.cfg.global_batch_size, image_size=cfg.vision.image_size,

@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from clip_jax.train import CLIPTask, make_pipeline, model_config, run
 from common.data import shapes, writers
@@ -89,3 +90,39 @@ def test_cli_with_overrides_and_resume(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in metrics if "loss" in m]
     assert steps == sorted(set(steps)) and steps[-1] == 10, steps  # no step trained twice
+
+
+TINY_RN = ml_collections.ConfigDict(dict(
+    variant="RN50", embed_dim=32, vision=dict(image_size=32, layers=(1, 1, 1, 1), width=8, heads=2),
+    text=dict(width=32, layers=1, heads=2, context_length=16)))
+
+
+def _rn_run(tmp_path, mesh, devices=None):
+    cfg = model_config(TINY_RN)
+    task = CLIPTask(cfg)
+    tcfg = TrainerConfig(total_steps=3, global_batch_size=16, mesh=mesh, log_every=1, checkpoint_every=3, progress=False)
+    trainer = Trainer(task, tcfg, OPTIM, tmp_path, devices=devices)
+    task.mesh = trainer.mesh
+    data = make_pipeline(ml_collections.ConfigDict(dict(source="shapes", split="train", num_examples=256, render_size=32)),
+                         global_batch_size=16, image_size=32, context_length=16, seed=0)
+    before = jax.device_get(trainer.state.model_state)
+    res = trainer.fit(data)
+    trainer.close()
+    return [h["loss"] for h in res.history], before, jax.device_get(res.state.model_state)
+
+
+def test_resnet_batchnorm_trains_synchronised(tmp_path):
+    losses1, before, after = _rn_run(tmp_path / "one", "data_parallel", devices=jax.devices()[:1])
+    stem_var = lambda s: np.asarray(s["batch_stats"]["visual"]["conv1"]["bn"]["var"])  # noqa: E731
+    assert not np.allclose(stem_var(before), stem_var(after))  # running statistics were updated
+    # Statistics over the global batch: 8-way data parallel equals one device.
+    losses8, _, after8 = _rn_run(tmp_path / "eight", "data_parallel")
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-4)
+    np.testing.assert_allclose(stem_var(after8), stem_var(after), rtol=1e-4)
+    # Frozen (fine-tuning) mode returns no statistics to update.
+    frozen = CLIPTask(model_config(TINY_RN), freeze_batchnorm=True)
+    variables = nn.meta.unbox(jax.eval_shape(frozen.init, jax.random.key(0)))
+    batch = {"image": jax.ShapeDtypeStruct((4, 32, 32, 3), np.float32), "text": jax.ShapeDtypeStruct((4, 16), np.int32)}
+    out = jax.eval_shape(lambda v, b: frozen.loss(v["params"], {"batch_stats": v["batch_stats"]}, b, None, 0)[2],
+                         variables, batch)
+    assert out is None

@@ -31,6 +31,7 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
     c.model.remat = variant.startswith("ViT-L")  # recompute activations in the backward pass
     c.model.scan_layers = not is_resnet  # one compiled block for the whole stack: faster compiles
+    c.model.freeze_batchnorm = False  # ResNets: keep stored BatchNorm statistics (fine-tuning) instead of training them
     c.model.vision = ml_collections.ConfigDict()  # overrides of VisionConfig fields (smoke runs)
     c.model.text = ml_collections.ConfigDict()  # overrides of TextConfig fields
 
