@@ -123,33 +123,13 @@ def shapes_zero_shot(bundle: CLIPBundle, dataset, *, batch_size: int, mesh) -> d
     return out
 
 
-def make_source(data_cfg: Any):
-    """The record source `config.data` names: shapes, tar (img2dataset shards), folder or tfds."""
-    from common.data import shapes, sources  # noqa: PLC0415
-
-    kind = data_cfg.source
-    if kind == "shapes":
-        return sources.ShapesSource(shapes.ShapesDataset(
-            data_cfg.split, data_cfg.num_examples, shapes.ShapesConfig(image_size=data_cfg.render_size)))
-    if kind == "tar":
-        return sources.TarShardSource(data_cfg.shards, index_dir=data_cfg.get("index_dir"),
-                                      caption_field=data_cfg.get("caption_field", "caption"))
-    if kind == "folder":
-        return sources.ImageFolderSource(data_cfg.root, captions_file=data_cfg.get("captions_file"))
-    if kind == "tfds":
-        return sources.TfdsSource(data_cfg.name, split=data_cfg.split, data_dir=data_cfg.get("data_dir"),
-                                  image_feature=data_cfg.get("image_feature", "image"),
-                                  text_feature=data_cfg.get("text_feature", "caption"))
-    raise ValueError(f"config.data.source={kind!r}; expected one of 'shapes', 'tar', 'folder', 'tfds'.")
-
-
 def make_pipeline(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
                   train: bool = True, num_epochs: int | None = None):
-    from common.data import pipeline  # noqa: PLC0415
+    from common.data import pipeline, sources  # noqa: PLC0415
 
     augment = pipeline.AugmentConfig(scale=tuple(data_cfg.get("crop_scale", (0.9, 1.0))))
     return pipeline.make_image_text_pipeline(
-        make_source(data_cfg), global_batch_size=global_batch_size, image_size=image_size,
+        sources.source_from_config(data_cfg), global_batch_size=global_batch_size, image_size=image_size,
         context_length=context_length, train=train, seed=seed, num_epochs=num_epochs,
         worker_count=data_cfg.get("workers", 0), augment=augment)
 

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from common.data.sources import source_from_config
 from common import sharding as sh
 from common.data.pipeline import AugmentConfig, make_image_text_pipeline
 from common.images import CLIP_MEAN, CLIP_STD, save_image_grid
@@ -143,17 +144,25 @@ class DVAETask:
     evaluation uses. The trainer's loss sees the parameters an update starts from, so the average
     is the one of those: a step behind `optax.incremental_update` after each update, a difference
     of (1 - ema_decay) times one update.
+
+    With gradient accumulation (`accum_steps` trainer steps per optimizer update) the annealing
+    schedules count updates, and the average moves by `ema_decay ** (1 / accum_steps)` per
+    micro-batch, which is `ema_decay` per update since the parameters hold still in between.
     """
 
-    def __init__(self, model: DVAE, loss_cfg: LossConfig, *, image_size: int, ema_decay: float = 0.0):
+    def __init__(self, model: DVAE, loss_cfg: LossConfig, *, image_size: int, ema_decay: float = 0.0,
+                 accum_steps: int = 1):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"Expected 0 <= ema_decay < 1 (0 disables averaging), found {ema_decay}.")
+        if accum_steps < 1:
+            raise ValueError(f"Expected accum_steps >= 1 micro-batches per update, found {accum_steps}.")
         multiple = model.config.downsample
         if image_size < multiple or image_size % multiple:
             raise ValueError(f"image_size={image_size} must be a positive multiple of {multiple}, the dVAE's "
                              f"downsampling with group_count={model.config.group_count}; pick e.g. "
                              f"{max(multiple, image_size // multiple * multiple)}.")
-        self.model, self.loss_cfg, self.image_size, self.ema_decay = model, loss_cfg, image_size, ema_decay
+        self.model, self.loss_cfg, self.image_size = model, loss_cfg, image_size
+        self.ema_decay, self.accum_steps = ema_decay, accum_steps
 
     def init(self, rng: jax.Array) -> dict[str, Any]:
         k_params, k_gumbel = jax.random.split(rng)
@@ -164,11 +173,13 @@ class DVAETask:
         return variables
 
     def loss(self, params, model_state, batch, rng, step):
-        loss, metrics = dvae_loss(params, _unit_interval(batch["image"]), rng, step, model=self.model,
+        update = step // self.accum_steps
+        loss, metrics = dvae_loss(params, _unit_interval(batch["image"]), rng, update, model=self.model,
                                   loss_cfg=self.loss_cfg)
         new_state = None
         if self.ema_decay > 0:
-            new_state = {"ema": optax.incremental_update(params, model_state["ema"], 1.0 - self.ema_decay)}
+            decay = self.ema_decay ** (1.0 / self.accum_steps)
+            new_state = {"ema": optax.incremental_update(params, model_state["ema"], 1.0 - decay)}
         return loss, metrics, new_state
 
     def eval_params(self, params: Any, model_state: Mapping[str, Any]) -> Any:
@@ -243,7 +254,7 @@ def image_batches(source: Any, data_cfg: Any, *, global_batch_size: int, image_s
     """Host-local uint8 batches of `source`; training takes square random crops of `data_cfg.crop_scale`
     of the image area (None: the whole image, resized and centre-cropped as in evaluation)."""
     scale = data_cfg.get("crop_scale")
-    augment = AugmentConfig(scale=tuple(scale), ratio=(1.0, 1.0)) if train and scale is not None else None
+    augment = AugmentConfig(scale=tuple(scale), ratio=(1.0, 1.0)) if scale is not None else None  # train only
     return ImageBatches(make_image_text_pipeline(
         source, global_batch_size=global_batch_size, image_size=image_size, tokenizer=_no_text, context_length=2,
         train=train, seed=seed, num_epochs=num_epochs, worker_count=data_cfg.get("workers", 0), augment=augment))
@@ -260,7 +271,7 @@ def make_task(config: ml_collections.ConfigDict) -> DVAETask:
     dtype = jnp.dtype(model_cfg.pop("dtype", "float32"))
     model = DVAE(DVAEConfig(**model_cfg), dtype=dtype, param_dtype=jnp.float32)
     return DVAETask(model, LossConfig.from_any(config.loss), image_size=config.image_size,
-                    ema_decay=config.ema_decay)
+                    ema_decay=config.ema_decay, accum_steps=config.optim.get("accum_steps", 1))
 
 
 def codebook_usage(task: DVAETask, params: Any, batches: Iterator[dict[str, np.ndarray]], mesh: Any,
@@ -268,16 +279,17 @@ def codebook_usage(task: DVAETask, params: Any, batches: Iterator[dict[str, np.n
     """Code perplexity and dead codes over all `batches`, and a grid: the first `num_images`
     originals of the first batch above their reconstructions, (2 n, H, W, C) in [0, 1]."""
 
-    def usage(params, images):
+    vocab = task.model.config.vocab_size
+
+    def count_and_reconstruct(params, images):
         codes, rec = task.reconstruct(params, images)
-        return jnp.zeros(task.model.config.vocab_size, jnp.int32).at[codes.ravel()].add(1), rec  # (vocab,), rec
+        return jnp.zeros(vocab, jnp.int32).at[codes.ravel()].add(1), rec  # (vocab,), (B, H, W, C)
 
-    usage = jax.jit(usage, out_shardings=(sh.replicated(mesh), sh.batch_sharding(mesh, 4)))
-
-    counts, grid = np.zeros(task.model.config.vocab_size, np.int64), None
+    step = jax.jit(count_and_reconstruct, out_shardings=(sh.replicated(mesh), sh.batch_sharding(mesh, 4)))
+    counts, grid = np.zeros(vocab, np.int64), None
     with sh.use_mesh(mesh):
         for host_batch in batches:
-            batch_counts, rec = usage(params, sh.shard_batch(host_batch["image"], mesh))
+            batch_counts, rec = step(params, sh.shard_batch(host_batch["image"], mesh))
             counts += np.asarray(jax.device_get(batch_counts))
             if grid is None:
                 # Rows of every process in process order: the first ones are process 0's, which writes the grid.
@@ -297,18 +309,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     `curves.png`, `reconstructions.png` (eval originals over their reconstructions) and
     `summary.json`, which is also returned: eval MSE, PSNR, code perplexity and dead codes.
     """
-    from clip_jax.train import make_source  # noqa: PLC0415  (the data sources CLIP configs name)
-
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    # Sources first: a bad data path fails in seconds, before the train state is built.
+    source = source_from_config(config.data)
+    eval_source = source_from_config(config.eval_data) if config.get("eval_data") is not None else None
     task = make_task(config)
     trainer = Trainer(task, config.trainer, config.optim, workdir)
     sizes = dict(global_batch_size=trainer.cfg.global_batch_size, image_size=config.image_size)
-    data = image_batches(make_source(config.data), config.data, seed=trainer.cfg.seed, **sizes)
+    data = image_batches(source, config.data, seed=trainer.cfg.seed, **sizes)
     eval_batches = None
-    if config.get("eval_data") is not None:
-        eval_source = make_source(config.eval_data)  # opened now: a bad path fails before training, not after
-
+    if eval_source is not None:
         def eval_batches():
             return image_batches(eval_source, config.eval_data, seed=0, train=False, num_epochs=1, **sizes)
 

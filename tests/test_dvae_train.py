@@ -15,11 +15,12 @@ import pytest
 from flax import linen as nn
 from jax.experimental.compilation_cache import compilation_cache
 
-from clip_jax.train import make_source
+from common.data.sources import source_from_config
 from common.data.shapes import ShapesConfig, ShapesDataset
 from common.trainer import Trainer
 from dalle_jax.dvae import DVAE, DVAEConfig, logit_laplace_nll, map_pixels
 from dalle_jax.dvae_train import (
+    DVAETask,
     LossConfig,
     codebook_stats,
     dvae_loss,
@@ -121,10 +122,33 @@ def test_loss_is_scaled_elbo_and_trains_the_encoder():
     assert float(encoder_grad) > 0  # gradients reach the encoder through the relaxed codes
 
 
+def test_task_counts_optimizer_updates_under_gradient_accumulation():
+    """With 2 micro-batches per update, trainer step 5 is update 2, and two averaging moves at
+    sqrt(0.81) make one at 0.81."""
+    model = DVAE(DVAEConfig(group_count=2, n_hid=8, n_blk_per_group=1, vocab_size=16, n_init=8))
+    cfg = LossConfig(temperature_steps=4, kl_warmup_steps=4)
+    task = DVAETask(model, cfg, image_size=8, ema_decay=0.81, accum_steps=2)
+    batch = {"image": np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), np.uint8)}
+
+    @jax.jit
+    def run(rng):
+        params = nn.meta.unbox(task.init(rng))["params"]
+        state = {"ema": jax.tree.map(jnp.zeros_like, params)}
+        for step in (4, 5):  # the two micro-batches of update 2
+            _, metrics, state = task.loss(params, state, batch, rng, jnp.asarray(step))
+        return params, state["ema"], metrics
+
+    params, ema, metrics = run(jax.random.key(0, impl="rbg"))
+    assert float(metrics["temperature"]) == pytest.approx(float(temperature_schedule(cfg)(2)), rel=1e-6)
+    assert float(metrics["kl_weight"]) == pytest.approx(float(kl_weight_schedule(cfg)(2)), rel=1e-6)
+    for p, e in zip(jax.tree.leaves(params), jax.tree.leaves(ema)):
+        np.testing.assert_allclose(e, (1 - 0.81) * p, rtol=1e-5, atol=1e-7)
+
+
 def test_batches_hold_the_exact_source_pixels():
     """The grain pipeline hands out CLIP-normalised floats; the dVAE must see the original uint8 pixels."""
     config = get_config("smoke")
-    batches = image_batches(make_source(config.eval_data), config.eval_data, global_batch_size=16,
+    batches = image_batches(source_from_config(config.eval_data), config.eval_data, global_batch_size=16,
                             image_size=config.image_size, seed=0, train=False, num_epochs=1)
     dataset = ShapesDataset("validation", 64, ShapesConfig(image_size=config.image_size))
     for start in (0, 16):
@@ -137,10 +161,10 @@ def test_batches_hold_the_exact_source_pixels():
 
 def test_training_through_the_trainer_improves_reconstructions(compile_cache, tmp_path):
     untrained = train(smoke_config(**{"trainer.total_steps": 0}), tmp_path / "untrained")["eval"]
-    config = smoke_config(**{"trainer.total_steps": 150, "trainer.eval_every": 75})
+    config = smoke_config(**{"trainer.total_steps": 120, "trainer.eval_every": 60})
     summary = train(config, tmp_path / "run")
     ev, vocab = summary["eval"], config.model.vocab_size
-    assert summary["steps"] == 150 and summary["nonfinite_steps"] == 0 and not summary["preempted"]
+    assert summary["steps"] == 120 and summary["nonfinite_steps"] == 0 and not summary["preempted"]
     assert ev["psnr"] > untrained["psnr"] + 4.0, (untrained, ev)
     assert ev["mse"] < untrained["mse"]
     assert 1.0 <= ev["perplexity"] <= vocab and 0 <= ev["dead_codes"] < vocab
@@ -149,8 +173,8 @@ def test_training_through_the_trainer_improves_reconstructions(compile_cache, tm
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 6 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    assert [r["step"] for r in records if "eval/psnr" in r] == [75, 150]
+    assert len(losses) == 5 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert [r["step"] for r in records if "eval/psnr" in r] == [60, 120]
 
 
 def _final_state(config, workdir):
@@ -187,4 +211,5 @@ def test_command_line_run_resumes_bitwise(compile_cache, tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     assert int(a.step) == 8 and "ema" in a.model_state  # the averaged parameters are checkpointed too
-    assert not np.array_equal(a.model_state["ema"]["decoder"]["output"]["kernel"], a.params["decoder"]["output"]["kernel"])
+    ema, params = a.model_state["ema"]["decoder"]["output"]["kernel"], a.params["decoder"]["output"]["kernel"]
+    assert not np.array_equal(ema, params)

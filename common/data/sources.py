@@ -38,7 +38,7 @@ from typing import Any, SupportsIndex
 import numpy as np
 from tqdm import tqdm
 
-from common.data.shapes import ShapesDataset
+from common.data.shapes import ShapesConfig, ShapesDataset
 
 log = logging.getLogger(__name__)
 
@@ -411,3 +411,21 @@ class ShapesSource:
         i = _check_index(index, len(self))
         item = self.dataset[i]
         return ImageTextRecord(i, f"shapes/{self.dataset.split}[{i}]", item["image"], item["caption"])
+
+
+def source_from_config(data_cfg: Any):
+    """The record source `config.data` names: shapes, tar (img2dataset shards), folder or tfds."""
+    kind = data_cfg.source
+    if kind == "shapes":
+        return ShapesSource(ShapesDataset(
+            data_cfg.split, data_cfg.num_examples, ShapesConfig(image_size=data_cfg.render_size)))
+    if kind == "tar":
+        return TarShardSource(data_cfg.shards, index_dir=data_cfg.get("index_dir"),
+                              caption_field=data_cfg.get("caption_field", "caption"))
+    if kind == "folder":
+        return ImageFolderSource(data_cfg.root, captions_file=data_cfg.get("captions_file"))
+    if kind == "tfds":
+        return TfdsSource(data_cfg.name, split=data_cfg.split, data_dir=data_cfg.get("data_dir"),
+                          image_feature=data_cfg.get("image_feature", "image"),
+                          text_feature=data_cfg.get("text_feature", "caption"))
+    raise ValueError(f"config.data.source={kind!r}; expected one of 'shapes', 'tar', 'folder', 'tfds'.")

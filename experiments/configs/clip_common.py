@@ -60,7 +60,7 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
     c.optim.grad_clip_norm = 1.0
     c.optim.accum_steps = 1
 
-    c.data = ml_collections.ConfigDict()  # clip_jax.train.make_source / make_pipeline
+    c.data = ml_collections.ConfigDict()  # common.data.sources.source_from_config / clip_jax.train.make_pipeline
     c.data.source = "tar"  # "tar" (img2dataset shards), "folder", "tfds" or "shapes"
     c.data.shards = "/data/laion400m"  # a directory of .tar files, a glob, or a list of shards
     c.data.index_dir = None  # cache of per-shard member indices (None: index at start-up)

@@ -60,7 +60,7 @@ def get_config(arg: str = "openai") -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()  # common.optim.OptimConfig
     c.optim.learning_rate = 1e-4  # peak step size
     c.optim.warmup_steps = 0  # the paper anneals from the peak with no warmup
-    c.optim.total_steps = 1_200_000  # cosine decay length; constant at the final step size after
+    c.optim.total_steps = 1_200_000  # decay length, not tied to trainer.total_steps: the paper decays over 1.2M of 3M
     c.optim.end_lr_ratio = 1.25e-6 / 1e-4  # final step size 1.25e-6
     c.optim.b1 = 0.9  # Adam first-moment decay
     c.optim.b2 = 0.999  # second-moment decay (appendix A.2)
@@ -69,7 +69,7 @@ def get_config(arg: str = "openai") -> ml_collections.ConfigDict:
     c.optim.grad_clip_norm = None  # the paper mentions no clipping for the dVAE
     c.optim.accum_steps = 1  # micro-batches per update (optax.MultiSteps)
 
-    c.data = ml_collections.ConfigDict()  # clip_jax.train.make_source fields, plus the crop
+    c.data = ml_collections.ConfigDict()  # common.data.sources.source_from_config fields, plus the crop
     c.data.source = "tar"  # "tar" (img2dataset shards), "folder", "tfds" or "shapes"
     c.data.shards = "/data/laion400m"  # a directory of .tar files, a glob, or a list of shards
     c.data.index_dir = None  # cache of per-shard member indices (None: index at start-up)
