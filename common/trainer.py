@@ -89,7 +89,13 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
-    """Loop settings; model and data settings live with the task."""
+    """Loop settings; model and data settings live with the task.
+
+    Gradient accumulation: with `optim.accum_steps = k` every train step feeds
+    one micro-batch of `global_batch_size` and the optimizer applies the
+    averaged update every k steps (optax.MultiSteps), so `total_steps` counts
+    micro-batches and the schedule counts updates (total_steps / k).
+    """
 
     total_steps: int = 1000
     global_batch_size: int = 64
