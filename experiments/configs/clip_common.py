@@ -51,14 +51,15 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()  # common.optim.OptimConfig
     c.optim.learning_rate = 5e-4
     c.optim.warmup_steps = 2_000
-    c.optim.total_steps = c.trainer.get_ref("total_steps")  # follows --config.trainer.total_steps
     c.optim.end_lr_ratio = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.98
     c.optim.eps = 1e-6
     c.optim.weight_decay = 0.2
     c.optim.grad_clip_norm = 1.0
-    c.optim.accum_steps = 1
+    c.optim.accum_steps = 1  # micro-batches per update (each trainer step is one micro-batch)
+    # Updates in the schedule: follows --config.trainer.total_steps and accum_steps.
+    c.optim.total_steps = c.trainer.get_ref("total_steps") // c.optim.get_ref("accum_steps")
 
     c.data = ml_collections.ConfigDict()  # common.data.sources.source_from_config / clip_jax.train.make_pipeline
     c.data.source = "tar"  # "tar" (img2dataset shards), "folder", "tfds" or "shapes"
