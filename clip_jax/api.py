@@ -21,7 +21,7 @@ import numpy as np
 from flax import linen as nn
 
 from clip_jax import weights
-from clip_jax.model import CLIP, dummy_inputs, normalize
+from clip_jax.model import CLIP, dummy_inputs
 from clip_jax.variants import CLIPConfig, decode_variant, known_variants
 from common.images import clip_preprocess
 from common.tokenizers import clip_bpe
@@ -56,30 +56,36 @@ class CLIPBundle:
     def _encode_text(self):
         return jax.jit(lambda v, t: self.model.apply(v, t, method=CLIP.encode_text))
 
-    def encode_image(self, images: Any) -> jax.Array:
-        """images: (B, S, S, 3) float, already preprocessed (see `preprocess`) -> (B, embed_dim)."""
+    @functools.cached_property
+    def _logits(self):
+        return jax.jit(self.model.apply)
+
+    def _checked_images(self, images: Any) -> jax.Array:
         images = jnp.asarray(images)
         s = self.image_size
         if images.ndim != 4 or images.shape[1:] != (s, s, 3):
             raise ValueError(f"encode_image expects preprocessed NHWC images of shape (B, {s}, {s}, 3); "
                              f"found {tuple(images.shape)}. Use .preprocess(pil_image) on each image first.")
-        return self._encode_image(self.variables, images)
+        return images
 
-    def encode_text(self, token_ids: Any) -> jax.Array:
-        """token_ids: int (B, context_length) from `tokenize` -> (B, embed_dim)."""
+    def _checked_tokens(self, token_ids: Any) -> jax.Array:
         token_ids = jnp.asarray(token_ids)
         if token_ids.ndim != 2 or token_ids.shape[1] != self.context_length or not jnp.issubdtype(token_ids.dtype, jnp.integer):
             raise ValueError(f"encode_text expects integer token ids of shape (B, {self.context_length}); found "
                              f"{token_ids.dtype} {tuple(token_ids.shape)}. Use .tokenize(texts).")
-        return self._encode_text(self.variables, token_ids)
+        return token_ids
+
+    def encode_image(self, images: Any) -> jax.Array:
+        """images: (B, S, S, 3) float, already preprocessed (see `preprocess`) -> (B, embed_dim)."""
+        return self._encode_image(self.variables, self._checked_images(images))
+
+    def encode_text(self, token_ids: Any) -> jax.Array:
+        """token_ids: int (B, context_length) from `tokenize` -> (B, embed_dim)."""
+        return self._encode_text(self.variables, self._checked_tokens(token_ids))
 
     def logits(self, images: Any, token_ids: Any) -> tuple[jax.Array, jax.Array]:
         """(logits_per_image, logits_per_text), as OpenAI's `model(image, text)`."""
-        img = normalize(self.encode_image(images))
-        txt = normalize(self.encode_text(token_ids))
-        scale = jnp.minimum(jnp.exp(self.params["logit_scale"].astype(jnp.float32)), 100.0)
-        per_image = scale * img @ txt.T
-        return per_image, per_image.T
+        return self._logits(self.variables, self._checked_images(images), self._checked_tokens(token_ids))
 
     def preprocess(self, pil_image) -> np.ndarray:
         """PIL image -> float32 (S, S, 3), exactly OpenAI's CLIP transform."""

@@ -37,7 +37,8 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from clip_jax import eval_data
-from clip_jax.zeroshot import embed_texts, encode_image_batch, l2_normalize
+from clip_jax.model import normalize
+from clip_jax.zeroshot import embed_texts, encode_image_batch
 from common.sharding import check_batch_divisible, make_mesh, replicated
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def embed_images(bundle: Any, paths: Sequence[str], *, batch_size: int = 256, me
     stream = eval_data.batches(source.records(jax.process_index(), jax.process_count()), bundle.preprocess,
                                batch_size=host_batch, image_size=bundle.image_size, num_batches=num_batches,
                                num_threads=num_threads, skip_log=skip_log)
-    gather = jax.jit(lambda f, index, status: (l2_normalize(f), index, status), out_shardings=replicated(mesh))
+    gather = jax.jit(lambda f, index, status: (normalize(f), index, status), out_shardings=replicated(mesh))
     features, decoded = None, np.zeros(len(paths), bool)
     for batch in tqdm(stream, total=num_batches, desc="images", unit="batch", disable=jax.process_index() != 0):
         encoded, placed = encode_image_batch(bundle, batch, mesh)

@@ -23,7 +23,7 @@ from flax import linen as nn
 
 from clip_jax import losses
 from clip_jax.api import CLIPBundle
-from clip_jax.model import CLIP, dummy_inputs
+from clip_jax.model import CLIP, dummy_inputs, normalize
 from clip_jax.variants import CLIPConfig, TextConfig, VisionConfig, decode_variant
 
 log = logging.getLogger(__name__)
@@ -106,17 +106,16 @@ def shapes_zero_shot(bundle: CLIPBundle, dataset, *, batch_size: int, mesh) -> d
     }
     items = [dataset[i] for i in range(len(dataset))]
     images = np.stack([normalize_rgb(it["image"]) for it in items])  # (N, S, S, 3) CLIP-normalised
+    # Each image is encoded once; both classifiers and retrieval score the same features.
+    image_features = np.concatenate([np.asarray(bundle.encode_image(images[i:i + batch_size]))
+                                     for i in range(0, len(items), batch_size)])  # (N, E)
     out = {}
     for kind, names in (("shape", shapes.SHAPES), ("color", shapes.COLORS)):
-        weights = zeroshot.zero_shot_weights(bundle, list(names), list(templates[kind]), mesh=mesh)
+        weights = zeroshot.zero_shot_weights(bundle, list(names), list(templates[kind]), mesh=mesh)  # (E, C)
         labels = np.asarray([it[f"{kind}_id"] for it in items], np.int32)
-        batches = ({"image": images[i:i + batch_size], "label": labels[i:i + batch_size]}
-                   for i in range(0, len(items), batch_size))
-        res = zeroshot.evaluate(bundle, batches, weights, topk=(1,), mesh=mesh)
-        out[f"zeroshot_{kind}_top1"] = res["top1"]
+        logits = normalize(image_features) @ weights  # (N, C)
+        out[f"zeroshot_{kind}_top1"] = zeroshot.accuracy(logits, labels, topk=(1,))["top1"]
         out[f"chance_{kind}_top1"] = 1.0 / len(names)
-    image_features = np.concatenate([np.asarray(bundle.encode_image(images[i:i + batch_size]))
-                                     for i in range(0, len(items), batch_size)])
     text_features = zeroshot.embed_texts(bundle, [it["caption"] for it in items], mesh=mesh)
     recall = retrieval.retrieval_metrics(image_features, text_features, np.arange(len(items)))
     out.update({f"retrieval_{k}": float(v) for k, v in recall.items()})
@@ -155,17 +154,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     if config.get("eval_data") is not None:
         eval_batches = lambda: make_pipeline(config.eval_data, seed=0, train=False, num_epochs=1, **sizes)  # noqa: E731
     result = trainer.fit(data, eval_batches=eval_batches)
-    summary: dict[str, Any] = {
-        "steps": result.step,
-        "first_loss": result.history[0]["loss"] if result.history else None,
-        "final_loss": result.history[-1]["loss"] if result.history else None,
-        "examples_per_second": result.examples_per_second,
-        "nonfinite_steps": result.nonfinite_total,
-        "preempted": result.preempted,
-        "mesh": dict(trainer.mesh.shape),
-        "eval": result.eval_history[-1] if result.eval_history else None,
-        "data": data.stats(),
-    }
+    summary = trainer.summary(result, data)
     if config.get("zeroshot_shapes") and not result.preempted:
         z = config.zeroshot_shapes
         bundle = CLIPBundle(task.model, {"params": jax.device_get(result.state.params), **result.state.model_state},

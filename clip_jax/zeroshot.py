@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from clip_jax import eval_data
+from clip_jax.model import normalize
 from common.sharding import (batch_axis_size, batch_sharding, check_batch_divisible, make_mesh,
                              replicated, shard_batch)
 
@@ -65,12 +66,6 @@ def load_classnames() -> tuple[str, ...]:
     return eval_data.data_lines("imagenet_classnames.txt")
 
 
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """Unit vectors along the last axis, in fp32."""
-    x = x.astype(jnp.float32)
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _pad_rows(x: np.ndarray, rows: int, fill: Any = 0) -> np.ndarray:
     x = np.asarray(x)
     if len(x) == rows:
@@ -92,7 +87,7 @@ def embed_texts(bundle: Any, texts: Sequence[str], *, batch_size: int = 256, mes
     mesh = mesh or make_mesh("data_parallel")
     ways = batch_axis_size(mesh)
     batch_size = math.ceil(batch_size / ways) * ways  # one compiled shape, split evenly
-    gather = jax.jit(l2_normalize, out_shardings=replicated(mesh))
+    gather = jax.jit(normalize, out_shardings=replicated(mesh))
     out = []
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=jax.process_index() != 0):
         chunk = list(texts[start:start + batch_size])
@@ -147,7 +142,7 @@ def accuracy(logits: Any, labels: Any, topk: Sequence[int] = (1, 5)) -> dict[str
 def _batch_counts(features: jax.Array, weights: jax.Array, labels: jax.Array, status: jax.Array,
                   ks: tuple[int, ...]) -> jax.Array:
     """int32 [valid rows, corrupt rows, correct@k for k in ks] of one global batch."""
-    logits = l2_normalize(features) @ weights  # (B, C)
+    logits = normalize(features) @ weights  # (B, C)
     valid = status == eval_data.STATUS_OK
     correct = _correct_at_k(logits, labels, ks) & valid[:, None]
     return jnp.concatenate([jnp.stack([valid.sum(), (status == eval_data.STATUS_CORRUPT).sum()]),

@@ -381,6 +381,21 @@ class Trainer:
             examples_per_second=examples / seconds if seconds else 0.0,
         )
 
+    def summary(self, result: TrainResult, data: DataIterator | None = None) -> dict[str, Any]:
+        """The JSON-able facts of a `fit` that every task's run reports."""
+        h = result.history
+        return {
+            "steps": result.step,
+            "first_loss": h[0]["loss"] if h else None,
+            "final_loss": h[-1]["loss"] if h else None,
+            "examples_per_second": result.examples_per_second,
+            "nonfinite_steps": result.nonfinite_total,
+            "preempted": result.preempted,
+            "mesh": dict(self.mesh.shape),
+            "eval": result.eval_history[-1] if result.eval_history else None,
+            "data": data.stats() if hasattr(data, "stats") else None,
+        }
+
     def _check_finite(self) -> None:
         streak = int(jax.device_get(self.state.nonfinite_streak))
         if streak >= self.cfg.max_nonfinite_streak:

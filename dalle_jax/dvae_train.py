@@ -324,17 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             return image_batches(eval_source, config.eval_data, seed=0, train=False, num_epochs=1, **sizes)
 
     result = trainer.fit(data, eval_batches=eval_batches)
-    summary: dict[str, Any] = {
-        "steps": result.step,
-        "first_loss": result.history[0]["loss"] if result.history else None,
-        "final_loss": result.history[-1]["loss"] if result.history else None,
-        "examples_per_second": result.examples_per_second,
-        "nonfinite_steps": result.nonfinite_total,
-        "preempted": result.preempted,
-        "mesh": dict(trainer.mesh.shape),
-        "eval": None,
-        "data": data.stats(),
-    }
+    summary = trainer.summary(result, data)
     if eval_batches is not None and not result.preempted:
         done = result.eval_history and result.eval_history[-1]["step"] == result.step
         if done:

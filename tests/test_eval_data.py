@@ -6,18 +6,13 @@ be compared with what was written.
 """
 
 import io
-import json
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from clip_jax import eval_data
 from tests.helpers.fake_clip import CODE_STEP, code_image
+from tests.helpers.without_tensorflow import run_without_tensorflow
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -121,19 +116,7 @@ def test_array_record_and_tfrecord_agree(data_dirs):
 
 
 def test_array_record_reads_without_tensorflow(data_dirs):
-    # A fresh interpreter where TensorFlow cannot be imported, as without the `tf` extra.
-    script = textwrap.dedent(f"""
-        import importlib.machinery, json, sys
-        class HideTensorFlow:
-            @staticmethod
-            def find_spec(name, path=None, target=None):
-                if name.split(".")[0] == "tensorflow":
-                    return None
-                return importlib.machinery.PathFinder.find_spec(name, path, target)
-            @staticmethod
-            def invalidate_caches():
-                importlib.machinery.PathFinder.invalidate_caches()
-        sys.meta_path[:] = [HideTensorFlow if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+    result = run_without_tensorflow(f"""
         import numpy as np
         from clip_jax import eval_data
         spec = eval_data.DatasetSpec("wnid_tiny", "test", "imagenet", "")
@@ -146,15 +129,8 @@ def test_array_record_reads_without_tensorflow(data_dirs):
             error = ""
         except ImportError as err:
             error = str(err)
-        print(json.dumps({{"pairs": pairs, "skipped": log.count, "error": error,
-                          "tf": any(m.split(".")[0] == "tensorflow" for m in sys.modules)}}))
+        result = {{"pairs": pairs, "skipped": log.count, "error": error}}
     """)
-    root = pathlib.Path(__file__).resolve().parents[1]  # this checkout's clip_jax, not an installed one
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         cwd=root, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
     assert sorted(map(tuple, result["pairs"])) == _expected(WNID_RECORDS, {2: 6, 0: 11})
     assert result["skipped"] == 1 and result["tf"] is False
     assert "`tf` extra" in result["error"] and "--file_format array_record" in result["error"]

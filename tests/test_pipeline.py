@@ -9,11 +9,7 @@ import io
 import json
 import logging
 import os
-import pathlib
-import subprocess
-import sys
 import tarfile
-import textwrap
 
 import grain
 import numpy as np
@@ -25,6 +21,7 @@ from common.data.shapes import ShapesConfig, ShapesDataset
 from common.data.writers import encode_image, write_image_folder, write_tar_shards
 from common.images import clip_preprocess, clip_preprocess_array, decode_image
 from common.tokenizers.clip_bpe import default_tokenizer
+from tests.helpers.without_tensorflow import run_without_tensorflow
 
 N = 120  # records in the shapes split used throughout
 SIZE = 32
@@ -183,18 +180,7 @@ def test_tfds_source_reads_captions_without_tensorflow(shapes, tmp_path):
         sources.TfdsSource("unprepared_pipeline_captions", split="train", data_dir=str(tmp_path / "empty"))
 
     # A fresh interpreter where TensorFlow cannot be imported, as without the `tf` extra.
-    script = textwrap.dedent(f"""
-        import importlib.machinery, json, sys
-        class HideTensorFlow:
-            @staticmethod
-            def find_spec(name, path=None, target=None):
-                if name.split(".")[0] == "tensorflow":
-                    return None
-                return importlib.machinery.PathFinder.find_spec(name, path, target)
-            @staticmethod
-            def invalidate_caches():
-                importlib.machinery.PathFinder.invalidate_caches()
-        sys.meta_path[:] = [HideTensorFlow if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+    result = run_without_tensorflow(f"""
         import grain
         from common.data import pipeline, sources
         source = sources.TfdsSource("tiny_captions", split="train", data_dir={data_dir!r})
@@ -202,15 +188,8 @@ def test_tfds_source_reads_captions_without_tensorflow(shapes, tmp_path):
             num_epochs=1, shard_index=0, shard_count=1, read_options=grain.ReadOptions(num_threads=2),
             return_index=True)
         indices = [next(it)["index"].tolist() for _ in range(2)]
-        print(json.dumps({{"captions": [source[i].caption for i in range(10)], "indices": indices,
-                          "tf": any(m.split(".")[0] == "tensorflow" for m in sys.modules)}}))
+        result = {{"captions": [source[i].caption for i in range(10)], "indices": indices}}
     """)
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root,
-                         env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["captions"] == [source[i].caption for i in range(10)]
     assert result["indices"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and result["tf"] is False
 
