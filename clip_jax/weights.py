@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from clip_jax import convert
+from common.torch_io import tensor_to_numpy
 from clip_jax.variants import CLIPConfig, TextConfig, VisionConfig, decode_variant, known_variants
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,7 @@ def _torch():
 
 
 def _to_numpy(tensors: Mapping[str, Any]) -> StateDict:
-    out = {}
-    for key, value in tensors.items():
-        if hasattr(value, "detach"):
-            value = value.detach().cpu()
-            if str(value.dtype) == "torch.bfloat16":
-                value = value.float()
-            value = value.numpy()
-        out[key] = np.asarray(value)
-    return out
+    return {key: tensor_to_numpy(value) for key, value in tensors.items()}
 
 
 def _is_torchscript(path: Path) -> bool:

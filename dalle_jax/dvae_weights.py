@@ -28,6 +28,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from common.torch_io import is_tensor, tensor_to_numpy
 from dalle_jax.dvae import Decoder, DVAEConfig, Encoder
 
 Part = Literal["encoder", "decoder"]
@@ -46,12 +47,9 @@ class WeightsMismatchError(ValueError):
 
 
 def _tensor_to_numpy(name: str, value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor; bfloat16 has no numpy dtype, so go through float32
-        value = value.detach().cpu()
-        return value.float().numpy() if value.is_floating_point() else value.numpy()
-    if isinstance(value, np.ndarray):
-        return value
-    raise WeightsMismatchError(f"state dict entry {name!r}: expected a tensor, found {type(value).__name__}")
+    if not (is_tensor(value) or isinstance(value, np.ndarray)):
+        raise WeightsMismatchError(f"state dict entry {name!r}: expected a tensor, found {type(value).__name__}")
+    return tensor_to_numpy(value)
 
 
 def _torch_load(path: str, trust_pickle: bool) -> Any:
