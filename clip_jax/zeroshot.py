@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from clip_jax import eval_data
 from clip_jax.model import normalize
+from common.metrics import configure_logging
 from common.sharding import (batch_axis_size, batch_sharding, check_batch_divisible, make_mesh,
                              replicated, shard_batch)
 
@@ -218,7 +219,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from common.sharding import initialize_distributed
     initialize_distributed()
     import clip_jax

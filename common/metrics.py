@@ -12,6 +12,7 @@ TensorBoard event files come from ``tensorboardX`` (no TensorFlow needed).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -121,6 +122,12 @@ class MetricWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def configure_logging() -> None:
+    """Readable INFO logs for command-line entry points; orbax's per-file absl INFO lines are kept out."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -3,9 +3,9 @@
     python -m experiments.demo --workdir runs/demo [--steps N] [--examples N]
 
 Stages (each writes into --workdir):
-  1. data: render the shapes dataset, write it as webdataset tar shards and an
-     image folder, read the shards back the way a real pipeline would (corrupt
-     members are counted, not fatal) and save a labelled PNG grid.
+  1. data: render the shapes dataset as webdataset tar shards, plus one shard
+     with a corrupt member (training skips and counts it), and save a labelled
+     PNG grid.
   2. text: tokenize every caption with the exact CLIP BPE, train the DALL·E
      sentencepiece BPE on the captions and check that every caption round-trips.
   3. CLIP: train the smoke-sized CLIP (experiments/configs/clip_vit_b32.py:smoke)
@@ -31,51 +31,35 @@ import numpy as np
 
 from common.data import shapes, writers
 from common.data.sources import TarShardSource
-from common.images import ImageDecodeError, clip_preprocess, decode_image, save_image_grid
+from common.images import save_image_grid
+from common.metrics import configure_logging
 from common.tokenizers import clip_bpe
 from common.tokenizers.sentencepiece import train_bpe
 
 log = logging.getLogger("demo")
 
 
-def read_tar_shards(shard_dir: Path) -> tuple[list[dict], int]:
-    """(examples, corrupt_count): every record of img2dataset-style shards, decoded as a pipeline would."""
-    examples, corrupt = [], 0
-    for record in TarShardSource(shard_dir):
-        try:
-            image = decode_image(record.data)
-        except ImageDecodeError as err:
-            corrupt += 1
-            log.warning("skipping %s: %s", record.key, err)
-            continue
-        examples.append({"image": np.asarray(image.convert("RGB")), "caption": record.caption})
-    return examples, corrupt
-
-
-def stage_data(workdir: Path, n_train: int, n_heldout: int, image_size: int) -> dict:
+def stage_data(workdir: Path, n_train: int, image_size: int) -> tuple[dict, list[str]]:
+    """Renders the training split as img2dataset-style shards (plus one corrupt shard); returns its captions."""
     cfg = shapes.ShapesConfig(image_size=image_size)
     train = shapes.ShapesDataset("train", n_train, cfg)
-    heldout = shapes.ShapesDataset("heldout", n_heldout, cfg)
     shard_paths = writers.write_tar_shards(train, workdir / "data" / "train_shards", examples_per_shard=256)
-    writers.write_image_folder(heldout, workdir / "data" / "heldout_folder", by="shape")
-    # One deliberately corrupt shard member shows that pipelines skip and count bad records.
+    # One deliberately corrupt shard member: training skips and counts it (clip.data.skipped in the summary).
     bad = workdir / "data" / "train_shards" / "shard-corrupt.tar"
     with tarfile.open(bad, "w") as tar:
         for name, data in (("999999999.png", b"\x89PNG not really"), ("999999999.txt", b"broken"), ("999999999.json", b"{}")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    examples, corrupt = read_tar_shards(workdir / "data" / "train_shards")
-    grid = np.stack([e["image"] for e in examples[:16]])
-    save_image_grid(grid, workdir / "samples.png", labels=[e["caption"] for e in examples[:16]], ncols=4)
-    pixels = clip_preprocess(decode_image(writers.encode_image(examples[0]["image"])), size=image_size)
+    first = [train[i] for i in range(16)]
+    save_image_grid(np.stack([e["image"] for e in first]), workdir / "samples.png",
+                    labels=[e["caption"] for e in first], ncols=4)
+    captions = [record.caption for record in TarShardSource(shard_paths)]  # read back from the shards
     return {
-        "train_examples": len(examples),
-        "corrupt_skipped": corrupt,
+        "train_examples": len(captions),
         "heldout_combinations": sorted(f"{c} {s}" for c, s in shapes.heldout_combinations(cfg)),
-        "clip_pixels_mean_std": [float(pixels.mean()), float(pixels.std())],
         "shards": len(shard_paths),
-    }, examples, heldout
+    }, captions
 
 
 def stage_text(workdir: Path, captions: list[str]) -> dict:
@@ -102,15 +86,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the smoke config's)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
     summary = {}
-    data_summary, examples, _ = stage_data(workdir, args.examples, 512, args.image_size)
+    data_summary, captions = stage_data(workdir, args.examples, args.image_size)
     summary["data"] = data_summary
     log.info("data: %s", {k: v for k, v in data_summary.items() if k != "heldout_combinations"})
-    summary["text"] = stage_text(workdir, [e["caption"] for e in examples])
+    summary["text"] = stage_text(workdir, captions)
     log.info("text: %s", summary["text"])
     from clip_jax import train as clip_train  # noqa: PLC0415  (pulls in jax only for this stage)
     from experiments.configs.clip_vit_b32 import get_config  # noqa: PLC0415

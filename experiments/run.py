@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from common import sharding
+from common.metrics import configure_logging
 
 TASKS = {
     "clip": "clip_jax.train:run",
@@ -34,9 +34,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    # orbax logs every file it writes through absl at INFO; keep its warnings only.
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    configure_logging()
     sharding.initialize_distributed()
     config = _CONFIG.value
     if config.task not in TASKS:
