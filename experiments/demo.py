@@ -96,14 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("data: %s", {k: v for k, v in data_summary.items() if k != "heldout_combinations"})
     summary["text"] = stage_text(workdir, captions)
     log.info("text: %s", summary["text"])
-    from clip_jax import train as clip_train  # noqa: PLC0415  (pulls in jax only for this stage)
+    from experiments import train_clip  # noqa: PLC0415  (pulls in jax only for this stage)
     from experiments.configs.clip_vit_b32 import get_config  # noqa: PLC0415
 
     config = get_config("smoke")
     config.data = dict(source="tar", shards=str(workdir / "data" / "train_shards"), crop_scale=(0.9, 1.0), workers=0)
     if args.steps:
         config.trainer.total_steps = args.steps  # config.optim.total_steps follows
-    summary["clip"] = clip_train.run(config, workdir / "clip")
+    summary["clip"] = train_clip.run(config, workdir / "clip")
     log.info("clip: %s", summary["clip"])
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

@@ -23,8 +23,8 @@ from common import sharding
 from common.metrics import configure_logging
 
 TASKS = {
-    "clip": "clip_jax.train:run",
-    "dvae": "dalle_jax.dvae_train:train",
+    "clip": "experiments.train_clip:run",
+    "dvae": "experiments.train_dvae:train",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, optionally with ':arg'.", lock_config=True)

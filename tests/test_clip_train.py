@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from clip_jax.train import CLIPTask, make_pipeline, model_config, run
+from clip_jax.train import CLIPTask
 from common.data import shapes, writers
 from common.trainer import Trainer, TrainerConfig
 from experiments.configs.clip_vit_b32 import get_config
+from experiments.train_clip import make_pipeline, model_config, run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ml_collections.ConfigDict(dict(

@@ -27,11 +27,10 @@ from dalle_jax.dvae_train import (
     image_batches,
     kl_to_uniform,
     kl_weight_schedule,
-    make_task,
     temperature_schedule,
-    train,
 )
 from experiments.configs.dvae import get_config
+from experiments.train_dvae import make_task, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}

@@ -31,10 +31,11 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clip_jax.train import CLIPTask, model_config  # noqa: E402
+from clip_jax.train import CLIPTask  # noqa: E402
 from common import sharding  # noqa: E402
 from common.trainer import Trainer, TrainerConfig  # noqa: E402
 from experiments.configs.clip_vit_b32 import get_config  # noqa: E402
+from experiments.train_clip import model_config  # noqa: E402
 
 
 def _batch(cfg, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:

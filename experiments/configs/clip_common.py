@@ -61,7 +61,7 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
     # Updates in the schedule: follows --config.trainer.total_steps and accum_steps.
     c.optim.total_steps = c.trainer.get_ref("total_steps") // c.optim.get_ref("accum_steps")
 
-    c.data = ml_collections.ConfigDict()  # common.data.sources.source_from_config / clip_jax.train.make_pipeline
+    c.data = ml_collections.ConfigDict()  # common.data.sources.source_from_config / experiments.train_clip.make_pipeline
     c.data.source = "tar"  # "tar" (img2dataset shards), "folder", "tfds" or "shapes"
     c.data.shards = "/data/laion400m"  # a directory of .tar files, a glob, or a list of shards
     c.data.index_dir = None  # cache of per-shard member indices (None: index at start-up)

@@ -1,0 +1,107 @@
+"""The CLIP training driver: config -> task + pipelines -> trainer -> summary.json.
+
+`run(config, workdir)` is what `python -m experiments.run --config experiments/configs/clip_*.py`
+calls: it builds the model from the config and the input pipeline, trains (resuming from the
+last checkpoint in workdir), and evaluates zero-shot classification and retrieval on the
+built-in shapes data when `config.zeroshot_shapes` asks for it (smoke runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clip_jax import retrieval, zeroshot
+from clip_jax.api import CLIPBundle
+from clip_jax.model import normalize
+from clip_jax.train import CLIPTask
+from clip_jax.variants import CLIPConfig, decode_variant
+from common.data import pipeline, shapes, sources
+from common.images import normalize_rgb
+from common.trainer import Trainer
+
+# Prompts for the shapes data's two label kinds; none of them is a training caption's wording.
+SHAPES_TEMPLATES = {
+    "shape": ("a {}.", "an image of a {}.", "a picture of a {} shape.", "a drawing of a {}."),
+    "color": ("something {}.", "an image of a {} shape.", "a {} object.", "a picture with something {} in it."),
+}
+
+
+def model_config(cfg: Any) -> CLIPConfig:
+    """A CLIPConfig from `config.model`: a variant name, optionally with sizes overridden (smoke runs)."""
+    base = decode_variant(cfg.variant)
+    vision = dataclasses.replace(base.vision, **dict(cfg.get("vision", {})))
+    text = dataclasses.replace(base.text, **dict(cfg.get("text", {})))
+    return CLIPConfig(cfg.get("embed_dim", base.embed_dim), vision, text)
+
+
+def make_task(config: Any) -> CLIPTask:
+    """The `CLIPTask` that `config` (experiments/configs/clip_common.py) describes."""
+    m = config.model
+    return CLIPTask(model_config(m), loss=config.loss, dtype=jnp.dtype(m.get("dtype", "float32")),
+                    remat=m.get("remat", False), scan_layers=m.get("scan_layers", False),
+                    freeze_batchnorm=m.get("freeze_batchnorm", False))
+
+
+def shapes_zero_shot(bundle: CLIPBundle, dataset, *, batch_size: int, mesh) -> dict[str, float]:
+    """Zero-shot colour and shape accuracy (prompt ensembling) and retrieval recall on a shapes split."""
+    items = [dataset[i] for i in range(len(dataset))]
+    images = np.stack([normalize_rgb(it["image"]) for it in items])  # (N, S, S, 3) CLIP-normalised
+    # Each image is encoded once; both classifiers and retrieval score the same features.
+    image_features = np.concatenate([np.asarray(bundle.encode_image(images[i:i + batch_size]))
+                                     for i in range(0, len(items), batch_size)])  # (N, E)
+    out = {}
+    for kind, names in (("shape", shapes.SHAPES), ("color", shapes.COLORS)):
+        weights = zeroshot.zero_shot_weights(bundle, list(names), list(SHAPES_TEMPLATES[kind]), mesh=mesh)  # (E, C)
+        labels = np.asarray([it[f"{kind}_id"] for it in items], np.int32)
+        logits = normalize(image_features) @ weights  # (N, C)
+        out[f"zeroshot_{kind}_top1"] = zeroshot.accuracy(logits, labels, topk=(1,))["top1"]
+        out[f"chance_{kind}_top1"] = 1.0 / len(names)
+    text_features = zeroshot.embed_texts(bundle, [it["caption"] for it in items], mesh=mesh)
+    recall = retrieval.retrieval_metrics(image_features, text_features, np.arange(len(items)))
+    out.update({f"retrieval_{k}": float(v) for k, v in recall.items()})
+    return out
+
+
+def make_pipeline(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
+                  train: bool = True, num_epochs: int | None = None):
+    augment = pipeline.AugmentConfig(scale=tuple(data_cfg.get("crop_scale", (0.9, 1.0))))
+    return pipeline.make_image_text_pipeline(
+        sources.source_from_config(data_cfg), global_batch_size=global_batch_size, image_size=image_size,
+        context_length=context_length, train=train, seed=seed, num_epochs=num_epochs,
+        worker_count=data_cfg.get("workers", 0), augment=augment)
+
+
+def run(config: Any, workdir: str | Path) -> dict[str, Any]:
+    """Trains CLIP as `config` says (resuming if workdir has checkpoints), then evaluates."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    task = make_task(config)
+    cfg = task.config
+    trainer = Trainer(task, dict(config.trainer), dict(config.optim), workdir)
+    task.mesh = trainer.mesh  # sharded loss over the trainer's mesh
+    sizes = dict(global_batch_size=trainer.cfg.global_batch_size, image_size=cfg.vision.image_size,
+                 context_length=cfg.text.context_length)
+    data = make_pipeline(config.data, seed=trainer.cfg.seed, **sizes)
+    eval_batches = None
+    if config.get("eval_data") is not None:
+        eval_batches = lambda: make_pipeline(config.eval_data, seed=0, train=False, num_epochs=1, **sizes)  # noqa: E731
+    result = trainer.fit(data, eval_batches=eval_batches)
+    summary = trainer.summary(result, data)
+    if config.get("zeroshot_shapes") and not result.preempted:
+        z = config.zeroshot_shapes
+        bundle = CLIPBundle(task.model, {"params": jax.device_get(result.state.params), **result.state.model_state},
+                            cfg, "trained")
+        for split in z.splits:
+            ds = shapes.ShapesDataset(split, z.num_examples, shapes.ShapesConfig(image_size=cfg.vision.image_size))
+            summary[f"shapes_{split}"] = shapes_zero_shot(bundle, ds, batch_size=z.batch_size, mesh=trainer.mesh)
+    trainer.close()
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary

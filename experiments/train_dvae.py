@@ -1,0 +1,113 @@
+"""The dVAE training driver (DALL·E stage 1): config -> task + pipelines -> trainer -> summary.json.
+
+`train(config, workdir)` is what `python -m experiments.run --config experiments/configs/dvae.py`
+calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from common import sharding as sh
+from common.data.sources import source_from_config
+from common.images import save_image_grid
+from common.metrics import plot_curves
+from common.trainer import Trainer
+from dalle_jax.dvae import DVAE, DVAEConfig
+from dalle_jax.dvae_train import DVAETask, LossConfig, codebook_stats, image_batches
+
+log = logging.getLogger(__name__)
+
+
+def make_task(config: ml_collections.ConfigDict) -> DVAETask:
+    """The `DVAETask` that experiments/configs/dvae.py describes."""
+    model_cfg = dict(config.model)
+    dtype = jnp.dtype(model_cfg.pop("dtype", "float32"))
+    model = DVAE(DVAEConfig(**model_cfg), dtype=dtype, param_dtype=jnp.float32)
+    return DVAETask(model, LossConfig.from_any(config.loss), image_size=config.image_size,
+                    ema_decay=config.ema_decay, accum_steps=config.optim.get("accum_steps", 1))
+
+
+def codebook_usage(task: DVAETask, params: Any, batches: Iterator[dict[str, np.ndarray]], mesh: Any,
+                   num_images: int) -> tuple[dict[str, float], np.ndarray]:
+    """Code perplexity and dead codes over all `batches`, and a grid: the first `num_images`
+    originals of the first batch above their reconstructions, (2 n, H, W, C) in [0, 1]."""
+
+    vocab = task.model.config.vocab_size
+
+    def count_and_reconstruct(params, images):
+        codes, rec = task.reconstruct(params, images)
+        return jnp.zeros(vocab, jnp.int32).at[codes.ravel()].add(1), rec  # (vocab,), (B, H, W, C)
+
+    step = jax.jit(count_and_reconstruct, out_shardings=(sh.replicated(mesh), sh.batch_sharding(mesh, 4)))
+    counts, grid = np.zeros(vocab, np.int64), None
+    with sh.use_mesh(mesh):
+        for host_batch in batches:
+            batch_counts, rec = step(params, sh.shard_batch(host_batch["image"], mesh))
+            counts += np.asarray(jax.device_get(batch_counts))
+            if grid is None:
+                # Rows of every process in process order: the first ones are process 0's, which writes the grid.
+                n = min(num_images, len(host_batch["image"]))
+                rec = np.asarray(multihost_utils.process_allgather(rec, tiled=True))[:n]
+                grid = np.concatenate([host_batch["image"][:n] / 255.0, rec])
+    if grid is None:
+        raise ValueError("The eval data gave no batch: it needs at least one global batch of usable images.")
+    return codebook_stats(counts), grid
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Trains a dVAE as `config` (experiments/configs/dvae.py) says, resuming from the last
+    checkpoint in `workdir`; then, when `config.eval_data` is set, evaluates it.
+
+    Writes under `workdir`: checkpoints, `metrics.jsonl` (+ TensorBoard), `loss.png` and
+    `curves.png`, `reconstructions.png` (eval originals over their reconstructions) and
+    `summary.json`, which is also returned: eval MSE, PSNR, code perplexity and dead codes.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Sources first: a bad data path fails in seconds, before the train state is built.
+    source = source_from_config(config.data)
+    eval_source = source_from_config(config.eval_data) if config.get("eval_data") is not None else None
+    task = make_task(config)
+    trainer = Trainer(task, config.trainer, config.optim, workdir)
+    sizes = dict(global_batch_size=trainer.cfg.global_batch_size, image_size=config.image_size)
+    data = image_batches(source, config.data, seed=trainer.cfg.seed, **sizes)
+    eval_batches = None
+    if eval_source is not None:
+        def eval_batches():
+            return image_batches(eval_source, config.eval_data, seed=0, train=False, num_epochs=1, **sizes)
+
+    result = trainer.fit(data, eval_batches=eval_batches)
+    summary = trainer.summary(result, data)
+    if eval_batches is not None and not result.preempted:
+        done = result.eval_history and result.eval_history[-1]["step"] == result.step
+        if done:
+            recon = {k: v for k, v in result.eval_history[-1].items() if k != "step"}
+        else:  # nothing trained in this call (already finished, or total_steps=0)
+            with sh.use_mesh(trainer.mesh):
+                recon = trainer.evaluate(eval_batches())
+        params = task.eval_params(result.state.params, result.state.model_state)
+        usage, grid = codebook_usage(task, params, eval_batches(), trainer.mesh, config.num_grid_images)
+        summary["eval"] = {**recon, **usage}
+        log.info("eval at step %d: %s", result.step, summary["eval"])
+        if jax.process_index() == 0:
+            save_image_grid(grid, workdir / "reconstructions.png", ncols=len(grid) // 2)
+    data.close()
+    trainer.close()
+    if jax.process_index() == 0:
+        if result.history:
+            curves = ["loss", "nll_per_dim", "kl_per_image", "temperature"]
+            curves += ["eval/psnr"] if result.eval_history else []
+            plot_curves(workdir / "metrics.jsonl", curves, workdir / "curves.png")
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
