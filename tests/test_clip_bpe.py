@@ -363,3 +363,12 @@ def test_hf_clip_tokenizer_matches(hf_tokenizer, reference, ours, reference_ids,
     # Only the kinds of text that are about cleaning may be mostly excluded.
     cleaning = {"html", "ftfy_fixable", "special_tokens", "long"}
     assert all(compared[c] >= 0.35 * totals[c] for c in compared if c not in cleaning), report
+
+
+def test_long_words_and_long_captions_match_openai(ours, reference):
+    """Words of thousands of letters (BPE is O(n log n) here) and captions of many pieces, truncated."""
+    for text in ("abcdefghij" * 500, "aaab" * 400, "the" * 2000, "a " * 5000 + "cat", "ünïcødé" * 300):
+        assert ours.encode(text) == reference.encode(text)
+        for context_length in (5, 77):
+            np.testing.assert_array_equal(ours.tokenize(text, context_length, truncate=True)[0],
+                                          openai_reference_tokenize(reference, [text], context_length, truncate=True)[0])

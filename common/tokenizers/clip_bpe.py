@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
 import importlib.resources
+import itertools
 import os
 import re as std_re
 from collections.abc import Iterable, Sequence
@@ -158,36 +160,63 @@ class ClipTokenizer:
         return self._special_ids[EOT_TOKEN]
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
-        """Token ids of one piece (a match of the split pattern)."""
+        """Token ids of one piece (a match of the split pattern), in O(n log n) for n bytes.
+
+        The reference merges, round by round, every non-overlapping occurrence (left to right)
+        of the adjacent pair with the lowest rank. Here candidate pairs wait in a heap keyed by
+        (rank, position); a round pops every entry of the lowest rank, merges them in position
+        order where both symbols are still there and unmerged in this round, and only then pushes
+        the pairs the merges created. So the rounds are the reference's, without rescanning the
+        whole piece per round (a 50,000-letter word would take O(n^2) there).
+        """
         special = self._special_ids.get(piece)
         if special is not None:
             return (special,)
         raw = piece.encode("utf-8")
+        n = len(raw)
         symbols = [self._byte_ids[b] for b in raw[:-1]]
         symbols.append(self._byte_end_ids[raw[-1]])
+        if n == 1:
+            return tuple(symbols)
         table = self._merge_table
-        no_merge = (len(table), -1)  # ranks sort before it
-        while len(symbols) > 1:
-            left, right = min(zip(symbols, symbols[1:]), key=lambda pair: table.get(pair, no_merge))
-            merged = table.get((left, right), no_merge)[1]
-            if merged < 0:
-                break
-            out, i, n = [], 0, len(symbols)
-            while i < n:
-                if i + 1 < n and symbols[i] == left and symbols[i + 1] == right:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            symbols = out
-        return tuple(symbols)
+        nxt = list(range(1, n + 1))  # position of the next live symbol (n: none)
+        prv = list(range(-1, n - 1))  # position of the previous live symbol (-1: none)
+        heap = [(table[pair][0], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in table]
+        heapq.heapify(heap)
+        while heap:
+            rank = heap[0][0]
+            positions = []
+            while heap and heap[0][0] == rank:
+                positions.append(heapq.heappop(heap)[1])
+            touched = []
+            for i in sorted(positions):
+                j = nxt[i]
+                # Stale entry: i was merged away or absorbed, or its pair changed since it was pushed.
+                if symbols[i] < 0 or j >= n or table.get((symbols[i], symbols[j]), (-1,))[0] != rank:
+                    continue
+                symbols[i] = table[(symbols[i], symbols[j])][1]
+                symbols[j] = -1  # absorbed
+                nxt[i] = nxt[j]
+                if nxt[i] < n:
+                    prv[nxt[i]] = i
+                touched.append(i)
+            # Merged symbols ended this round: only now may their new pairs compete.
+            for i in touched:  # never absorbed later in the round: positions ascend, pairs do not overlap
+                for left in (prv[i], i):
+                    right = nxt[left] if left >= 0 else n
+                    if left >= 0 and right < n:
+                        entry = table.get((symbols[left], symbols[right]))
+                        if entry is not None:
+                            heapq.heappush(heap, (entry[0], left))
+        return tuple(s for s in symbols if s >= 0)
 
-    def _encode_tuple(self, text: str) -> tuple[int, ...]:
+    def _encode_tuple(self, text: str, max_pieces: int | None = None) -> tuple[int, ...]:
+        """Ids of `text`; with `max_pieces`, of its first pieces only (each piece gives >= 1 id)."""
         if not isinstance(text, str):
             raise TypeError(f"ClipTokenizer encodes str, found {type(text).__name__}: {text!r}.")
         piece_ids = self._piece_ids
-        return tuple(i for piece in _PIECE_PATTERN.findall(clean_text(text)) for i in piece_ids(piece))
+        pieces = (m.group() for m in _PIECE_PATTERN.finditer(clean_text(text)))
+        return tuple(i for piece in itertools.islice(pieces, max_pieces) for i in piece_ids(piece))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without the start/end tokens (reference ``SimpleTokenizer.encode``)."""
@@ -218,7 +247,9 @@ class ClipTokenizer:
                 f"{context_length}; CLIP models use {DEFAULT_CONTEXT_LENGTH}."
             )
         sot, eot = self.sot_token_id, self.eot_token_id
-        encoded = {text: self._encode_tuple(text) for text in dict.fromkeys(texts)}  # each distinct text once
+        # Each distinct text once; when truncating, only as many pieces as can reach the context.
+        max_pieces = context_length if truncate else None
+        encoded = {text: self._encode_tuple(text, max_pieces) for text in dict.fromkeys(texts)}
         result = np.zeros((len(texts), context_length), dtype=np.int32)  # (B, L)
         for row, text in enumerate(texts):
             tokens = (sot, *encoded[text], eot)
