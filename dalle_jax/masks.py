@@ -29,31 +29,20 @@ last layer is convolutional.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 KINDS = ("dense", "row", "column", "conv")
 
 
-def _image_keys(kind: str, image_h: int, image_w: int, kernel: int) -> np.ndarray:
-    """bool (N, N), N = image_h * image_w: which image key each image query sees."""
-    rows, cols = np.divmod(np.arange(image_h * image_w), image_w)  # (N,) each
-    q, k = np.arange(image_h * image_w)[:, None], np.arange(image_h * image_w)[None, :]
-    causal = k <= q
-    if kind == "dense":
-        return causal
-    if kind == "row":
-        return causal & (q - k <= image_w)
-    if kind == "column":
-        return causal & (cols[:, None] == cols[None, :])
-    half = kernel // 2
-    near = (np.abs(rows[:, None] - rows[None, :]) <= half) & (np.abs(cols[:, None] - cols[None, :]) <= half)
-    return causal & near
-
-
-def attention_mask(kind: str, *, text_len: int, image_h: int, image_w: int, kernel: int = 11) -> np.ndarray:
+def attention_mask(kind: str, *, text_len: int, image_h: int, image_w: int, kernel: int = 11,
+                   xp: Any = np) -> Any:
     """bool (L, L), L = text_len + image_h * image_w; True where query (row) may attend to key (column).
 
-    See the module docstring for each kind's definition and source.
+    See the module docstring for each kind's definition and source. `xp` is the
+    array module: numpy (default), or jax.numpy to build the mask inside a
+    compiled function instead of embedding it as a constant.
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown attention mask kind {kind!r}; expected one of {KINDS}.")
@@ -62,10 +51,21 @@ def attention_mask(kind: str, *, text_len: int, image_h: int, image_w: int, kern
                          f"image_h={image_h}, image_w={image_w}.")
     if kind == "conv" and (kernel < 1 or kernel % 2 == 0):
         raise ValueError(f"Expected an odd convolution kernel >= 1, found kernel={kernel}.")
-    length = text_len + image_h * image_w
-    mask = np.tril(np.ones((length, length), bool))  # causal over the stream: text rows are final here
-    mask[text_len:, text_len:] = _image_keys(kind, image_h, image_w, kernel)
-    return mask
+    positions = xp.arange(text_len + image_h * image_w)
+    q, k = positions[:, None], positions[None, :]  # (L, 1), (1, L)
+    causal = k <= q
+    if kind == "dense":
+        return causal
+    (rq, cq), (rk, ck) = xp.divmod(q - text_len, image_w), xp.divmod(k - text_len, image_w)
+    if kind == "row":
+        allowed = q - k <= image_w
+    elif kind == "column":
+        allowed = cq == ck
+    else:
+        half = kernel // 2
+        allowed = (xp.abs(rq - rk) <= half) & (xp.abs(cq - ck) <= half)
+    image_pair = (q >= text_len) & (k >= text_len)  # text rows and text keys stay plainly causal
+    return causal & (~image_pair | allowed)
 
 
 def layer_kinds(num_layers: int, attention: str = "sparse") -> tuple[str, ...]:

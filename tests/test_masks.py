@@ -2,6 +2,7 @@
 
 import itertools
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -92,3 +93,9 @@ def test_every_kind_is_causal():
     for kind, (t, h, w) in itertools.product(KINDS, GRIDS):
         mask = attention_mask(kind, text_len=t, image_h=h, image_w=w, kernel=3)
         assert not np.triu(mask, 1).any() and mask.diagonal().all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_jax_numpy_build_equals_numpy(kind):
+    args = dict(text_len=3, image_h=5, image_w=4, kernel=3)
+    np.testing.assert_array_equal(np.asarray(attention_mask(kind, xp=jnp, **args)), attention_mask(kind, **args))
