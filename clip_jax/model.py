@@ -12,11 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.layers import Dtype, partitioned
 from clip_jax.resnet import ModifiedResNet
 from clip_jax.text import TextTransformer
 from clip_jax.variants import CLIPConfig
 from clip_jax.vit import VisionTransformer
+from common.layers import Dtype, partitioned
 
 MAX_LOGIT_SCALE = 100.0  # OpenAI clips the learned temperature so that exp(logit_scale) <= 100 (section 2.5)
 
@@ -25,7 +25,7 @@ class CLIP(nn.Module):
     """CLIP with `encode_image`, `encode_text` and `__call__(images, texts)`.
 
     dtype: compute dtype (bf16 on accelerators); param_dtype: storage dtype.
-    remat / scan_layers: see `clip_jax.layers.Transformer`; the ResNet tower supports remat only.
+    remat / scan_layers: see `common.layers.Transformer`; the ResNet tower supports remat only.
     train_batchnorm: the ResNet's BatchNorm uses (and updates) batch statistics, as in training.
     """
 

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.layers import Dtype, MultiHeadAttention, partitioned, torch_default_kernel_init
 from clip_jax.variants import VisionConfig
+from common.layers import Dtype, MultiHeadAttention, partitioned, torch_default_kernel_init
 
 EXPANSION = 4  # Bottleneck output channels over `planes`
 

@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.layers import Dtype, LayerNorm, Transformer, partitioned
 from clip_jax.variants import TextConfig
+from common.layers import Dtype, LayerNorm, Transformer, partitioned
 
 
 class TextTransformer(nn.Module):

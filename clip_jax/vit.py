@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.layers import Dtype, LayerNorm, Transformer, partitioned, torch_default_kernel_init
 from clip_jax.variants import VisionConfig
+from common.layers import Dtype, LayerNorm, Transformer, partitioned, torch_default_kernel_init
 
 
 class VisionTransformer(nn.Module):

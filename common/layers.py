@@ -1,9 +1,10 @@
-"""Transformer pieces shared by the CLIP image and text towers.
+"""Transformer layers shared by every model family (CLIP towers, the DALL·E transformer).
 
 Mirrors OpenAI clip/model.py: `LayerNorm` (statistics in fp32), `QuickGELU`,
 `ResidualAttentionBlock` (pre-norm attention + MLP) and `Transformer`. Attention follows
-`torch.nn.MultiheadAttention` (biases on q/k/v/out, scores scaled by head_dim ** -0.5),
-with scores and softmax in fp32 whatever the compute dtype.
+`torch.nn.MultiheadAttention` (biases on q/k/v/out, scores scaled by head_dim ** -0.5) and
+runs through `jax.nn.dot_product_attention`, which keeps the scores and softmax in fp32
+whatever the compute dtype. Masks are boolean, True = may attend.
 """
 from __future__ import annotations
 
@@ -100,6 +101,11 @@ class MultiHeadAttention(nn.Module):
     Kernels are (embed, heads, head_dim) for q/k/v and (heads, head_dim, out) for the output,
     so heads shard over the tensor axis without reshapes. `out_features` defaults to the
     input width (the ResNet attention pool projects to the CLIP embedding instead).
+
+    The scores, mask and softmax are `jax.nn.dot_product_attention`'s XLA path: q.k in fp32
+    (bf16 inputs accumulate in fp32), scaled, masked, softmax in fp32, probabilities cast to
+    the compute dtype for the product with v. On CPU that equals, bit for bit in fp32 and bf16,
+    the explicit einsum-softmax it replaced, so no separate fp32 path is kept.
     """
 
     num_heads: int
@@ -111,10 +117,16 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """inputs_q (B, Lq, D), inputs_kv (B, Lk, D), mask (Lq, Lk) bool, True = may attend."""
+        """inputs_q (B, Lq, D), inputs_kv (B, Lk, D) -> (B, Lq, out_features).
+
+        mask: bool, True = may attend, broadcastable (numpy rules) to (B, heads, Lq, Lk):
+          (Lq, Lk) for one pattern (causal, DALL·E's row / column masks), (B, 1, 1, Lk) for padding.
+        """
         width = inputs_kv.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"attention width {width} is not divisible by num_heads={self.num_heads}")
+        if mask is not None and mask.dtype != jnp.bool_:
+            raise ValueError(f"attention mask must be boolean (True = may attend), found dtype {mask.dtype}")
         head_dim = width // self.num_heads
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         projection = lambda name: HeadProjection(  # noqa: E731
@@ -123,11 +135,7 @@ class MultiHeadAttention(nn.Module):
         q = projection("query")(inputs_q)  # (B, Lq, H, Dh)
         k = projection("key")(inputs_kv)  # (B, Lk, H, Dh)
         v = projection("value")(inputs_kv)  # (B, Lk, H, Dh)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-        if mask is not None:
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # (B, H, Lq, Lk)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, Lq, H, Dh)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5)  # (B, Lq, H, Dh)
         return HeadProjection(
             (self.out_features or width,), 2, ("heads", "head_dim", "embed"), self.out_std, **dtypes, name="out"
         )(out)
@@ -193,6 +201,8 @@ class Transformer(nn.Module):
     scan_layers: run the blocks with nn.scan; parameters then gain a leading layer axis
       (logical name None, never sharded) under `resblocks` instead of `resblocks_{i}`.
     Both change memory and compile time, never the outputs.
+    per_layer_mask: the mask is a stack with a leading `layers` axis and layer i attends
+      with mask[i] (DALL·E's row, column and convolutional layers, Ramesh et al. 2021, B.1).
     """
 
     width: int
@@ -204,10 +214,21 @@ class Transformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    per_layer_mask: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """x (B, L, width), mask (L, L) bool or None -> (B, L, width)."""
+        """x (B, L, width) -> (B, L, width).
+
+        mask: bool, True = may attend, broadcastable to (B, heads, L, L) (see
+          `MultiHeadAttention`); with `per_layer_mask`, (layers, ...) of such masks.
+        """
+        if self.per_layer_mask and (mask is None or mask.ndim < 3 or mask.shape[0] != self.layers):
+            found = None if mask is None else mask.shape
+            raise ValueError(
+                f"per_layer_mask expects a mask stack of shape ({self.layers}, ..., L, L), one per layer, "
+                f"found {found}; pass one mask per layer or set per_layer_mask=False"
+            )
         block = ResidualAttentionBlock
         if self.remat:
             block = nn.remat(block, prevent_cse=not self.scan_layers)
@@ -226,12 +247,12 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=nn.broadcast,
+                in_axes=0 if self.per_layer_mask else nn.broadcast,
                 length=self.layers,
                 metadata_params={nn.PARTITION_NAME: None},
             )
             x, _ = scanned(name="resblocks", **kwargs)(x, mask)
             return x
         for i in range(self.layers):
-            x, _ = block(name=f"resblocks_{i}", **kwargs)(x, mask)
+            x, _ = block(name=f"resblocks_{i}", **kwargs)(x, mask[i] if self.per_layer_mask else mask)
         return x

@@ -1,0 +1,136 @@
+"""common/layers.py: masked attention against a NumPy softmax, scanned against unscanned
+stacks on the same weights, and LayerNorm statistics in fp32 under bf16 inputs."""
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common.layers import LayerNorm, MultiHeadAttention, Transformer
+
+B, LQ, LK, D, HEADS = 2, 5, 7, 16, 4
+
+
+def _numpy_attention(params: dict, xq: np.ndarray, xkv: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Brute-force multi-head attention in float64: softmax over allowed keys only."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(params))
+    q = np.einsum("bld,dhk->blhk", xq, p["query"]["kernel"]) + p["query"]["bias"]
+    k = np.einsum("bld,dhk->blhk", xkv, p["key"]["kernel"]) + p["key"]["bias"]
+    v = np.einsum("bld,dhk->blhk", xkv, p["value"]["kernel"]) + p["value"]["bias"]
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    allowed = np.broadcast_to(mask, scores.shape)
+    scores = np.where(allowed, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", probs, v)
+    return np.einsum("bqhd,hdo->bqo", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def _random_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random boolean mask whose every query row keeps at least its first key."""
+    mask = rng.random(shape) < 0.5
+    mask[..., 0] = True
+    return mask
+
+
+@pytest.mark.parametrize(
+    "mask_shape",
+    [(LQ, LK), (B, 1, 1, LK), (B, HEADS, LQ, LK), (1, HEADS, LQ, LK)],
+    ids=["pattern", "padding", "full", "per-head"],
+)
+def test_masked_attention_equals_numpy_softmax(mask_shape):
+    rng = np.random.default_rng(0)
+    xq = rng.normal(size=(B, LQ, D)).astype(np.float32)
+    xkv = rng.normal(size=(B, LK, D)).astype(np.float32)
+    mask = _random_mask(rng, mask_shape)
+    attn = MultiHeadAttention(HEADS, qkv_std=0.5, out_std=0.5)
+    params = attn.init(jax.random.key(0), xq, xkv)["params"]
+    # Non-zero biases so every projection is exercised.
+    params = jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(np.float32), params)
+    got = attn.apply({"params": params}, xq, xkv, jnp.asarray(mask))
+    want = _numpy_attention(params, xq, xkv, mask)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+    unmasked = attn.apply({"params": params}, xq, xkv)
+    assert not np.allclose(np.asarray(unmasked), want, atol=1e-3), "the mask changed nothing"
+
+
+def test_attention_rejects_non_boolean_mask():
+    x = jnp.zeros((1, 3, D))
+    attn = MultiHeadAttention(HEADS, qkv_std=0.5, out_std=0.5)
+    with pytest.raises(ValueError, match="must be boolean"):
+        attn.init(jax.random.key(0), x, x, jnp.ones((3, 3), jnp.int32))
+
+
+def test_bf16_attention_softmax_runs_in_fp32():
+    x = jnp.zeros((1, 3, D), jnp.bfloat16)
+    attn = MultiHeadAttention(HEADS, qkv_std=0.5, out_std=0.5, dtype=jnp.bfloat16)
+    params = attn.init(jax.random.key(0), x, x)["params"]
+    jaxpr = jax.make_jaxpr(lambda p: attn.apply({"params": p}, x, x, jnp.tril(jnp.ones((3, 3), bool))))(params)
+    exps = [eqn for eqn in _all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "exp"]
+    assert exps, "no softmax exp found in the attention jaxpr"
+    assert all(eqn.invars[0].aval.dtype == jnp.float32 for eqn in exps), [e.invars[0].aval for e in exps]
+
+
+def _all_eqns(jaxpr):
+    """Every equation of `jaxpr`, including those of nested jaxprs (pjit, custom_jvp, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _all_eqns(sub)
+
+
+def _stack_layers(params: dict, layers: int) -> dict:
+    """Unscanned `resblocks_{i}` parameters -> one `resblocks` tree with a leading layer axis."""
+    blocks = [params[f"resblocks_{i}"] for i in range(layers)]
+    return {"resblocks": jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)}
+
+
+@pytest.mark.parametrize("per_layer_mask", [False, True], ids=["shared-mask", "per-layer-masks"])
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_scanned_stack_equals_unscanned(per_layer_mask, remat):
+    layers, length = 3, 6
+    x = jax.random.normal(jax.random.key(1), (B, length, D))
+    causal = np.tril(np.ones((length, length), bool))
+    if per_layer_mask:  # causal, full, then a band of width 2, as DALL·E alternates masks by layer
+        band = causal & np.triu(np.ones((length, length), bool), -1)
+        mask = jnp.asarray(np.stack([causal, np.ones_like(causal), band]))
+    else:
+        mask = jnp.asarray(causal)
+    kwargs = dict(width=D, layers=layers, heads=HEADS, mlp_dim=2 * D, act="quick_gelu", remat=remat,
+                  per_layer_mask=per_layer_mask)
+    unscanned = Transformer(**kwargs)
+    params = nn.meta.unbox(unscanned.init(jax.random.key(0), x, mask)["params"])
+    want = unscanned.apply({"params": params}, x, mask)
+    got = Transformer(**kwargs, scan_layers=True).apply({"params": _stack_layers(params, layers)}, x, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    if per_layer_mask:  # each layer really used its own mask
+        shared = Transformer(**{**kwargs, "per_layer_mask": False}).apply({"params": params}, x, jnp.asarray(causal))
+        assert not np.allclose(np.asarray(shared), np.asarray(want), atol=1e-3)
+
+
+def test_per_layer_mask_needs_one_mask_per_layer():
+    x = jnp.zeros((1, 4, D))
+    model = Transformer(D, 3, HEADS, 2 * D, "gelu", per_layer_mask=True)
+    with pytest.raises(ValueError, match=r"one per layer"):
+        model.init(jax.random.key(0), x, jnp.ones((2, 4, 4), bool))
+
+
+def test_layernorm_statistics_in_fp32_under_bf16():
+    """Activations with a large mean: bf16 statistics would round the mean by up to 2 units
+    against deviations of ~8, fp32 statistics are exact to bf16 output rounding."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(1000.0 + 8.0 * rng.normal(size=(4, 64)), jnp.bfloat16)
+    norm = LayerNorm(dtype=jnp.bfloat16)
+    params = norm.init(jax.random.key(0), x)
+    got = norm.apply(params, x)
+    assert got.dtype == jnp.bfloat16
+    x64 = np.asarray(x, np.float64)
+    want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    tol = 2e-2  # bf16 output rounding of values up to ~3
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol)
+    # The same formula with bf16 statistics misses by far more, so the check above can fail.
+    mean16 = jnp.mean(x, -1, keepdims=True).astype(jnp.bfloat16)
+    centred16 = x - mean16
+    naive = centred16 * jax.lax.rsqrt(jnp.mean(jnp.square(centred16), -1, keepdims=True) + 1e-5)
+    assert np.abs(np.asarray(naive, np.float64) - want).max() > 5 * tol
