@@ -69,18 +69,27 @@ class CLIPBundle:
         return images
 
     def _checked_tokens(self, token_ids: Any) -> jax.Array:
-        token_ids = jnp.asarray(token_ids)
+        on_host = not isinstance(token_ids, jax.Array)
+        token_ids = np.asarray(token_ids) if on_host else token_ids
         if token_ids.ndim != 2 or token_ids.shape[1] != self.context_length or not jnp.issubdtype(token_ids.dtype, jnp.integer):
             raise ValueError(f"encode_text expects integer token ids of shape (B, {self.context_length}); found "
                              f"{token_ids.dtype} {tuple(token_ids.shape)}. Use .tokenize(texts).")
-        return token_ids
+        # Out-of-vocabulary ids would embed as NaN; checked where it costs no device round trip.
+        vocab = self.config.text.vocab_size
+        if on_host and token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocab):
+            raise ValueError(f"encode_text expects token ids in [0, {vocab}), found ids from {token_ids.min()} to "
+                             f"{token_ids.max()}. Use .tokenize(texts), whose vocabulary this model shares.")
+        return jnp.asarray(token_ids)
 
     def encode_image(self, images: Any) -> jax.Array:
         """images: (B, S, S, 3) float, already preprocessed (see `preprocess`) -> (B, embed_dim)."""
         return self._encode_image(self.variables, self._checked_images(images))
 
     def encode_text(self, token_ids: Any) -> jax.Array:
-        """token_ids: int (B, context_length) from `tokenize` -> (B, embed_dim)."""
+        """token_ids: int (B, context_length) from `tokenize` -> (B, embed_dim).
+
+        Ids outside the vocabulary are refused when given as numpy (a jax.Array is not copied back to check).
+        """
         return self._encode_text(self.variables, self._checked_tokens(token_ids))
 
     def logits(self, images: Any, token_ids: Any) -> tuple[jax.Array, jax.Array]:
@@ -105,18 +114,24 @@ def _cast(variables: dict, dtype) -> dict:
 
 
 def load(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32, seed: int = 0,
-         **overrides: Any) -> CLIPBundle:
+         act: str | None = None, vision_heads: int | None = None, text_heads: int | None = None,
+         trust_torchscript: bool = False) -> CLIPBundle:
     """A CLIP bundle from a variant name (random init) or a checkpoint path (architecture inferred).
 
     dtype: compute dtype (e.g. jnp.bfloat16 on accelerators; default fp32).
-    overrides for checkpoints whose heads/activation the weights cannot tell:
-    act ("quick_gelu" | "gelu"), vision_heads, text_heads.
+    act ("quick_gelu" | "gelu"), vision_heads, text_heads: for OpenAI-format checkpoints
+    whose heads/activation the weights cannot tell; refused where they do not apply.
+    trust_torchscript: read TorchScript archives (OpenAI's .pt releases) with `torch.jit.load`,
+    which runs the code stored in the archive. Off by default: they are read without running
+    anything, and this is needed only for archives whose modules keep custom state.
     """
     dtype = jnp.float32 if dtype is None else dtype
     name = os.fspath(name_or_path)
     if name in known_variants() and not Path(name).exists():
-        if overrides:
-            raise TypeError(f"{sorted(overrides)} only apply when loading a checkpoint, not the named variant {name!r}.")
+        checkpoint_only = [k for k, v in (("act", act), ("vision_heads", vision_heads), ("text_heads", text_heads),
+                                          ("trust_torchscript", trust_torchscript or None)) if v is not None]
+        if checkpoint_only:
+            raise TypeError(f"{checkpoint_only} only apply when loading a checkpoint, not the named variant {name!r}.")
         cfg = decode_variant(name)
         model = CLIP(cfg, dtype=dtype, param_dtype=param_dtype)
         variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), *dummy_inputs(cfg)))
@@ -127,6 +142,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any
             "Weights are never downloaded: pass the local path of an OpenAI .pt, open_clip checkpoint or "
             "Hugging Face CLIP directory."
         )
-    cfg, variables, source = weights.load_variables(name, **overrides)
+    cfg, variables, source = weights.load_variables(name, act=act, vision_heads=vision_heads, text_heads=text_heads,
+                                                    trust_torchscript=trust_torchscript)
     model = CLIP(cfg, dtype=dtype, param_dtype=param_dtype)
     return CLIPBundle(model, _cast(variables, param_dtype), cfg, source)

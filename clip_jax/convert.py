@@ -24,7 +24,9 @@ from clip_jax.model import CLIP, abstract_variables
 from clip_jax.variants import CLIPConfig
 
 Path = tuple[str, ...]
-_IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|input_resolution|context_length|vocab_size)$")
+# Not weights: counters and sizes some exports keep as tensors, and clip/model.py's constant causal
+# mask, a plain tensor attribute that a TorchScript archive may keep (common.torch_io reads them all).
+_IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|input_resolution|context_length|vocab_size|attn_mask)$")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,14 +2,19 @@
 
 Formats (`read_checkpoint`):
   * OpenAI releases: TorchScript archives (`ViT-B-32.pt` from clip.load). Read
-    with `torch.jit.load`, which restores TorchScript objects only (no
-    arbitrary Python unpickling), and only the state dict is kept.
+    without running anything (`common.torch_io.read_torchscript_state_dict`
+    rebuilds only the tensors from the archive's pickle). `torch.jit.load`, which
+    runs the TorchScript code stored in the archive, is used only with
+    `trust_torchscript=True`.
   * Plain OpenAI-style state dicts (`.pt`/`.bin`, e.g. `torch.save(model.state_dict())`)
     and open_clip checkpoints (`{"state_dict": {"module.visual...": ...}, "epoch": ...}`):
     `torch.load(weights_only=True)`, never bare pickle.
   * `.safetensors` files with OpenAI-style keys (open_clip's hub format).
   * Hugging Face CLIP directories (`config.json` + `model.safetensors`), read
     with safetensors' numpy API: no torch needed.
+
+A file that cannot be read (empty, truncated, damaged, not a checkpoint) is a
+`CheckpointFormatError` that names it and says what is wrong.
 
 The architecture is inferred from the weights, as OpenAI's `build_model`
 (clip/model.py) does. Two things weights cannot tell: head counts (q/k/v are
@@ -26,7 +31,6 @@ import json
 import logging
 import os
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,39 +38,26 @@ from typing import Any
 import numpy as np
 
 from clip_jax import convert
-from common.torch_io import tensor_to_numpy
 from clip_jax.variants import CLIPConfig, TextConfig, VisionConfig, decode_variant, known_variants
+from common.torch_io import (CheckpointFormatError, import_torch, is_torchscript_archive, load_safetensors,
+                             load_torch_file, read_torchscript_state_dict, tensor_to_numpy)
 
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, np.ndarray]
 
 
-class CheckpointFormatError(ValueError):
-    """A file that is not a CLIP checkpoint this module can read safely."""
+# What to do with a checkpoint that pickles Python objects: CLIP weights never need them.
+_IF_PICKLED = ("If you trust it, convert it once: torch.save(torch.load(p, weights_only=False)['state_dict'] or "
+               ".state_dict(), 'weights.pt'), or save it as .safetensors.")
+_OVERRIDES = ("act", "vision_heads", "text_heads")
 
 
 # -- reading files --------------------------------------------------------------------------------
 
 
-def _torch():
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError as err:  # pragma: no cover - torch is in the test extra
-        raise ImportError("Reading .pt/.bin checkpoints needs PyTorch (pip install torch); "
-                          "safetensors files and Hugging Face directories do not.") from err
-    return torch
-
-
 def _to_numpy(tensors: Mapping[str, Any]) -> StateDict:
     return {key: tensor_to_numpy(value) for key, value in tensors.items()}
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(name.endswith("constants.pkl") or "/code/" in name for name in zf.namelist())
 
 
 def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
@@ -81,11 +72,14 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
     return obj
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, str, dict]:
+def read_checkpoint(path: str | os.PathLike, *, trust_torchscript: bool = False) -> tuple[StateDict, str, dict]:
     """(state_dict as numpy, format, config) for a file or Hugging Face directory.
 
     format is "openai" (OpenAI/open_clip key names) or "hf"; config holds what
     the files say beyond the weights (HF config.json, open_clip_config.json).
+    trust_torchscript: read TorchScript archives with `torch.jit.load`, which runs the
+    code stored in them; only for files from a source you trust. Off, they are read
+    without running anything.
     """
     path = Path(path)
     if not path.exists():
@@ -97,27 +91,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, str, dict]:
         return _read_hf_dir(path)
     config = _sibling_open_clip_config(path)
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
-        sd = load_file(str(path))
+        sd = load_safetensors(path)
         return sd, _detect_naming(sd, path), config
-    torch = _torch()
-    if _is_torchscript(path):
-        # OpenAI's releases: TorchScript restores only TorchScript types, so no arbitrary
-        # Python object can be built while reading; only the tensors are kept.
-        module = torch.jit.load(str(path), map_location="cpu")
-        sd = _to_numpy(module.state_dict())
+    if is_torchscript_archive(path):  # OpenAI's releases
+        if trust_torchscript:
+            sd = _to_numpy(import_torch(path).jit.load(str(path), map_location="cpu").state_dict())
+        else:
+            sd = read_torchscript_state_dict(path, opt_in="clip_jax.load(path, trust_torchscript=True)")
         return sd, "openai", {"torchscript": True, **config}
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError
-        raise CheckpointFormatError(
-            f"{path} could not be read with torch.load(weights_only=True): {str(err).splitlines()[0]}\n"
-            "It probably pickles Python objects beyond tensors, which we refuse to unpickle (it could run "
-            "arbitrary code). If you trust it, convert it once: torch.save(torch.load(p, weights_only=False)"
-            "['state_dict'] or .state_dict(), 'weights.pt'), or save it as .safetensors."
-        ) from err
-    sd = _to_numpy(_unwrap(obj, path))
+    sd = _to_numpy(_unwrap(load_torch_file(path, if_pickled=_IF_PICKLED), path))
     return sd, _detect_naming(sd, path), config
 
 
@@ -132,10 +114,22 @@ def _detect_naming(sd: Mapping[str, Any], path: Path) -> str:
     )
 
 
+def _read_json_object(file: Path) -> dict:
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointFormatError(f"{file} is not valid JSON ({err}); restore the file that came with the "
+                                    "weights.") from err
+    if not isinstance(config, dict):
+        raise CheckpointFormatError(f"{file} must hold a JSON object of settings, found a {type(config).__name__}; "
+                                    "restore the file that came with the weights.")
+    return config
+
+
 def _sibling_open_clip_config(path: Path) -> dict:
     candidate = path.parent / "open_clip_config.json"
     if candidate.exists():
-        return {"open_clip": json.loads(candidate.read_text())}
+        return {"open_clip": _read_json_object(candidate)}
     return {}
 
 
@@ -143,18 +137,16 @@ def _read_hf_dir(path: Path) -> tuple[StateDict, str, dict]:
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointFormatError(f"{path} is a directory but has no config.json: not a Hugging Face CLIP model.")
-    config = json.loads(config_file.read_text())
-    weights = path / "model.safetensors"
-    if weights.exists():
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
-        sd = load_file(str(weights))
-    elif (path / "pytorch_model.bin").exists():
-        sd = _to_numpy(_torch().load(str(path / "pytorch_model.bin"), map_location="cpu", weights_only=True))
-    else:
-        raise CheckpointFormatError(f"{path} has config.json but neither model.safetensors nor pytorch_model.bin.")
+    config = _read_json_object(config_file)
     if config.get("model_type") not in (None, "clip"):
         raise CheckpointFormatError(f"{path} holds a {config.get('model_type')!r} model, not CLIP (model_type 'clip').")
+    weights = path / "model.safetensors"
+    if weights.exists():
+        sd = load_safetensors(weights)
+    elif (path / "pytorch_model.bin").exists():
+        sd = _to_numpy(load_torch_file(path / "pytorch_model.bin", if_pickled=_IF_PICKLED))
+    else:
+        raise CheckpointFormatError(f"{path} has config.json but neither model.safetensors nor pytorch_model.bin.")
     return sd, "hf", {"hf": config}
 
 
@@ -267,14 +259,24 @@ def _hf_act(name: str) -> str:
     raise CheckpointFormatError(f"Hugging Face hidden_act {name!r} is not supported; expected 'quick_gelu' or 'gelu'.")
 
 
-def load_variables(path: str | os.PathLike, **overrides: Any) -> tuple[CLIPConfig, dict, str]:
-    """(config, variables, format) for a checkpoint; overrides: act, vision_heads, text_heads."""
-    sd, naming, extra = read_checkpoint(path)
+def load_variables(path: str | os.PathLike, *, act: str | None = None, vision_heads: int | None = None,
+                   text_heads: int | None = None, trust_torchscript: bool = False) -> tuple[CLIPConfig, dict, str]:
+    """(config, variables, format) for a checkpoint.
+
+    act, vision_heads, text_heads: what OpenAI-format weights cannot tell (see the module
+    docstring); None infers them. A Hugging Face directory states them in config.json, so
+    there they are refused rather than ignored.
+    """
+    sd, naming, extra = read_checkpoint(path, trust_torchscript=trust_torchscript)
+    given = {k: v for k, v in zip(_OVERRIDES, (act, vision_heads, text_heads)) if v is not None}
     try:
         if naming == "hf":
+            if given:
+                raise TypeError(f"{path} is a Hugging Face CLIP directory, whose config.json sets the heads and "
+                                f"activation; the overrides {given} do not apply. Edit config.json if it is wrong.")
             cfg = infer_hf_config(sd, extra["hf"])
             return cfg, convert.params_from_hf_state_dict(sd, cfg), "hf"
-        cfg = infer_openai_config(sd, open_clip_cfg=extra.get("open_clip"), **overrides)
+        cfg = infer_openai_config(sd, open_clip_cfg=extra.get("open_clip"), **given)
         return cfg, convert.params_from_openai_state_dict(sd, cfg), "openai"
     except KeyError as err:
         raise CheckpointFormatError(f"{path}: CLIP weight {err} is missing; the checkpoint is incomplete or not CLIP.") from err
@@ -297,7 +299,7 @@ def save_openai_state_dict(variables: Mapping, cfg: CLIPConfig, path: str | os.P
 
         save_file(sd, str(path))
     else:
-        torch = _torch()
+        torch = import_torch(path)
         torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, str(path))
     return path
 

@@ -3,7 +3,8 @@
 OpenAI published `encoder.pkl` and `decoder.pkl` (https://cdn.openai.com/dall-e/): `torch.save` of
 whole `dall_e.Encoder` / `dall_e.Decoder` modules. Loading those means unpickling arbitrary Python
 objects, which can run code, so it happens only with `trust_pickle=True`. Plain state dicts (`.pt`
-files read with `torch.load(weights_only=True)`) and `.safetensors` files are always safe.
+files read with `torch.load(weights_only=True)`), TorchScript archives (read without running their
+code) and `.safetensors` files are always safe.
 
 Reference names (dall_e/encoder.py, dall_e/decoder.py) map onto ours one to one:
 
@@ -18,7 +19,6 @@ with `.b` -> `bias` and kernels transposed from torch's (out, in, kh, kw) to HWI
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -28,7 +28,8 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from common.torch_io import is_tensor, tensor_to_numpy
+from common.torch_io import (PickledObjectsError, is_tensor, is_torchscript_archive, load_safetensors, load_torch_file,
+                             read_torchscript_state_dict, tensor_to_numpy)
 from dalle_jax.dvae import Decoder, DVAEConfig, Encoder
 
 Part = Literal["encoder", "decoder"]
@@ -38,8 +39,16 @@ _BLOCK = re.compile(r"group_(\d+)_block_(\d+)")
 _TORCH_BLOCK = re.compile(r"blocks\.group_(\d+)\.block_(\d+)\.")
 
 
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint that can only be read by unpickling arbitrary objects, without `trust_pickle`."""
+# The error for a checkpoint that pickles Python objects (OpenAI's whole-module .pkl files among them).
+UnsafeCheckpointError = PickledObjectsError
+_IF_PICKLED = (
+    "OpenAI's encoder.pkl / decoder.pkl are whole `dall_e` modules saved with torch.save. If you trust the "
+    "file's origin, pass trust_pickle=True (needs the `dall-e` package installed). Safer: convert it once, e.g.\n"
+    "  import torch, safetensors.torch\n"
+    "  m = torch.load(path, weights_only=False)\n"
+    "  safetensors.torch.save_file(m.state_dict(), 'encoder.safetensors')\n"
+    "and load the .safetensors file instead."
+)
 
 
 class WeightsMismatchError(ValueError):
@@ -52,37 +61,14 @@ def _tensor_to_numpy(name: str, value: Any) -> np.ndarray:
     return tensor_to_numpy(value)
 
 
-def _torch_load(path: str, trust_pickle: bool) -> Any:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            f"reading {path} needs PyTorch (`pip install torch`); alternatively convert it to .safetensors "
-            "on a machine that has PyTorch (see `read_state_dict`)"
-        ) from e
-    if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path} is not a plain state dict: it pickles Python objects (OpenAI's encoder.pkl / decoder.pkl "
-            "are whole `dall_e` modules saved with torch.save). Unpickling runs arbitrary code from the file, "
-            "so it is refused by default. If you trust the file's origin, pass trust_pickle=True (needs the "
-            "`dall-e` package installed). Safer: convert it once, e.g.\n"
-            "  import torch, safetensors.torch\n"
-            f"  m = torch.load({path!r}, weights_only=False)\n"
-            "  safetensors.torch.save_file(m.state_dict(), 'encoder.safetensors')\n"
-            "and load the .safetensors file instead."
-        ) from e
-
-
 def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> StateDict:
     """Reads a dVAE encoder or decoder checkpoint into `{reference name: float32 numpy array}`.
 
     Accepts `.safetensors` files; `torch.save`d state dicts (any other suffix, read with
-    `torch.load(weights_only=True)`); and, only with `trust_pickle=True`, whole pickled modules such
-    as OpenAI's `encoder.pkl` / `decoder.pkl`.
+    `torch.load(weights_only=True)`); TorchScript archives (read without running their code,
+    unless `trust_pickle`); and, only with `trust_pickle=True`, whole pickled modules such
+    as OpenAI's `encoder.pkl` / `decoder.pkl`. A file that cannot be read is a
+    `CheckpointFormatError` naming it and what is wrong.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -91,14 +77,14 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> S
             "and https://cdn.openai.com/dall-e/decoder.pkl; download them and pass their local paths."
         )
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        raw = load_file(path)
+        raw = load_safetensors(path)
+    elif is_torchscript_archive(path) and not trust_pickle:
+        raw = read_torchscript_state_dict(path, opt_in="trust_pickle=True")
     else:
-        raw = _torch_load(path, trust_pickle)
+        raw = load_torch_file(path, if_pickled=_IF_PICKLED, trust_pickle=trust_pickle)
         if hasattr(raw, "state_dict") and callable(raw.state_dict):
             raw = raw.state_dict()
-        if not isinstance(raw, Mapping):
+        if not isinstance(raw, Mapping) or not all(isinstance(name, str) for name in raw):
             raise WeightsMismatchError(f"{path}: expected a state dict or a module, found {type(raw).__name__}")
     return {name: _tensor_to_numpy(name, value).astype(np.float32) for name, value in raw.items()}
 

@@ -62,17 +62,27 @@ def _assert_same_architecture(inferred: CLIPConfig, cfg: CLIPConfig):
     assert inferred == cfg, f"\ninferred {inferred}\nexpected {cfg}"
 
 
-def test_openai_torchscript_archive(reference, tmp_path):
+def test_openai_torchscript_archive(reference, tmp_path, monkeypatch):
+    """OpenAI's release format, read without torch.jit.load (which would run the archive's code)."""
     cfg, model = reference
     images, texts = _inputs(cfg)
     traced = torch.jit.trace(model, (torch.from_numpy(images.transpose(0, 3, 1, 2)), torch.from_numpy(texts).long()),
                              check_trace=False)
     path = tmp_path / "model.pt"
     traced.save(str(path))
-    bundle = clip_jax.load(path)
+
+    def no_code_runs(*args, **kwargs):
+        raise AssertionError("torch.jit.load was called without trust_torchscript")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.jit, "load", no_code_runs)
+        bundle = clip_jax.load(path)
     _assert_same_architecture(bundle.config, cfg)
     assert bundle.source == "openai"
     _check(bundle, model, cfg)
+    # The opt-in reads the same weights through torch.jit.load.
+    trusted = clip_jax.load(path, trust_torchscript=True)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(bundle.variables), jax.tree.leaves(trusted.variables)))
 
 
 def test_openai_state_dict_pt(reference, tmp_path):
@@ -155,7 +165,7 @@ def test_export_runs_in_pytorch(reference, tmp_path):
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {"visual.proj": torch.zeros(2, 2)}, "payload": Evil()}, path)
-    with pytest.raises(weights.CheckpointFormatError, match="weights_only=True"):
+    with pytest.raises(weights.CheckpointFormatError, match=r"pickles Python objects beyond tensors \(e\.g\. __builtin__\.print\)"):
         clip_jax.load(path)
     with open(tmp_path / "plain.pkl", "wb") as f:
         pickle.dump(Evil(), f)

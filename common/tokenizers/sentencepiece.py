@@ -65,7 +65,20 @@ class SentencePieceTokenizer:
                 f"expected a SentencePiece model file at {file}, found nothing; train one with "
                 "common.tokenizers.sentencepiece.train_bpe(captions, path) or point to an existing .model file"
             )
-        return cls(file.read_bytes())
+        proto = file.read_bytes()
+        if not proto:  # which SentencePiece would parse as a model without pieces
+            raise ValueError(f"{file} is empty (0 bytes): restore it, or train one with "
+                             "common.tokenizers.sentencepiece.train_bpe.")
+        try:
+            return cls(proto)
+        except RuntimeError as err:  # SentencePiece's parser
+            raise ValueError(
+                f"{file} ({len(proto)} bytes) is not a SentencePiece model: it does not parse ({err}), so it "
+                "is truncated, damaged or of another format. Restore it, or train one with "
+                "common.tokenizers.sentencepiece.train_bpe."
+            ) from err
+        except ValueError as err:  # parsed, but not a model train_bpe made
+            raise ValueError(f"{file}: {err}") from err
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the serialized model to ``path`` (or ``<dir>/sentencepiece.model``); returns the file."""
