@@ -106,6 +106,11 @@ class MultiHeadAttention(nn.Module):
     (bf16 inputs accumulate in fp32), scaled, masked, softmax in fp32, probabilities cast to
     the compute dtype for the product with v. On CPU that equals, bit for bit in fp32 and bf16,
     the explicit einsum-softmax it replaced, so no separate fp32 path is kept.
+
+    cache_length > 0 keeps a key/value cache of that many positions in the "cache" collection
+    (autoregressive decoding, as Flax's lm1b example): each call writes its keys and values at
+    the cache's index, advances the index by Lq, and attends over the whole cache; the mask
+    is then (Lq, cache_length), the rows of the full mask for the positions written.
     """
 
     num_heads: int
@@ -114,6 +119,7 @@ class MultiHeadAttention(nn.Module):
     out_features: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    cache_length: int = 0
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -135,10 +141,24 @@ class MultiHeadAttention(nn.Module):
         q = projection("query")(inputs_q)  # (B, Lq, H, Dh)
         k = projection("key")(inputs_kv)  # (B, Lk, H, Dh)
         v = projection("value")(inputs_kv)  # (B, Lk, H, Dh)
+        if self.cache_length:
+            k, v = self._extend_cache(k, v)  # (B, cache_length, H, Dh) each
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5)  # (B, Lq, H, Dh)
         return HeadProjection(
             (self.out_features or width,), 2, ("heads", "head_dim", "embed"), self.out_std, **dtypes, name="out"
         )(out)
+
+    def _extend_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Writes k, v (B, n, H, Dh) at the cache index; returns the whole cache."""
+        shape = (k.shape[0], self.cache_length, *k.shape[2:])
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        start = (0, index.value, 0, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
+        index.value = index.value + k.shape[1]
+        return cached_k.value, cached_v.value
 
 
 class MLP(nn.Module):
@@ -178,13 +198,15 @@ class ResidualAttentionBlock(nn.Module):
     fc_std: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    cache_length: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, None]:
         norm = lambda name: LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
         h = norm("ln_1")(x)
         x = x + MultiHeadAttention(
-            self.num_heads, self.attn_std, self.proj_std, dtype=self.dtype, param_dtype=self.param_dtype, name="attn"
+            self.num_heads, self.attn_std, self.proj_std, dtype=self.dtype, param_dtype=self.param_dtype,
+            cache_length=self.cache_length, name="attn"
         )(h, h, mask)
         h = norm("ln_2")(x)
         x = x + MLP(self.mlp_dim, self.act, self.fc_std, self.proj_std, self.dtype, self.param_dtype, name="mlp")(h)
@@ -203,6 +225,7 @@ class Transformer(nn.Module):
     Both change memory and compile time, never the outputs.
     per_layer_mask: the mask is a stack with a leading `layers` axis and layer i attends
       with mask[i] (DALL·E's row, column and convolutional layers, Ramesh et al. 2021, B.1).
+    cache_length: > 0 gives every block a key/value cache for decoding (`MultiHeadAttention`).
     """
 
     width: int
@@ -215,6 +238,7 @@ class Transformer(nn.Module):
     remat: bool = False
     scan_layers: bool = False
     per_layer_mask: bool = False
+    cache_length: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -241,11 +265,12 @@ class Transformer(nn.Module):
             fc_std=(2 * self.width) ** -0.5,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            cache_length=self.cache_length,
         )
         if self.scan_layers:
             scanned = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True},
                 in_axes=0 if self.per_layer_mask else nn.broadcast,
                 length=self.layers,

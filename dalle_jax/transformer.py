@@ -51,49 +51,81 @@ def layer_masks(config: DALLEConfig) -> jax.Array:
 
 class DALLE(nn.Module):
     """text (B, text_len) int caption ids (PAD_ID = padding), codes (B, image_h * image_w) int
-    -> (text logits (B, text_len, text_vocab + text_len), image logits (B, image_len, image_vocab)), fp32."""
+    -> (text logits (B, text_len, text_vocab + text_len), image logits (B, image_len, image_vocab)), fp32.
+
+    decode=True gives every attention layer a key/value cache over the whole stream, for
+    `decode_slots` (dalle_jax/sample.py); the parameters are the same.
+    """
 
     config: DALLEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    decode: bool = False
 
-    @nn.compact
+    def setup(self):
+        cfg = self.config
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        embed = lambda rows: nn.Embed(  # noqa: E731
+            rows, cfg.width, embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")), **dtypes)
+        position = lambda name, rows: self.param(  # noqa: E731
+            name, partitioned(nn.initializers.normal(0.01), ("pos", "embed")), (rows, cfg.width), self.param_dtype)
+        self.text_embedding = embed(cfg.text_tokens)
+        self.image_embedding = embed(cfg.image_vocab)
+        self.text_positions = position("text_positions", cfg.text_len)
+        self.image_row_positions = position("image_row_positions", cfg.image_h)
+        self.image_column_positions = position("image_column_positions", cfg.image_w)
+        self.start = position("start", 1)  # the input of slot 0
+        self.masks = layer_masks(cfg)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio * cfg.width, "gelu",
+                                       remat=self.remat, scan_layers=self.scan_layers,
+                                       per_layer_mask=self.masks.ndim == 3,
+                                       cache_length=cfg.seq_len if self.decode else 0, **dtypes)
+        self.ln_final = LayerNorm(**dtypes)
+        head = lambda features: nn.Dense(  # noqa: E731
+            features, kernel_init=partitioned(nn.initializers.normal(cfg.width**-0.5), ("embed", "vocab")),
+            bias_init=partitioned(nn.initializers.zeros_init(), ("vocab",)), **dtypes)
+        self.to_text_logits = head(cfg.text_tokens)
+        self.to_image_logits = head(cfg.image_vocab)
+
+    def embed_text(self, text: jax.Array) -> jax.Array:
+        """(B, T) caption ids -> (B, T, D) token + position embeddings."""
+        x = self.text_embedding(text_stream_ids(text, self.config.text_vocab))
+        return x + self.text_positions.astype(self.dtype)
+
+    def embed_image(self, codes: jax.Array, first: int | jax.Array = 0) -> jax.Array:
+        """(B, n) codes at raster positions first .. first + n - 1 -> (B, n, D)."""
+        cfg = self.config
+        table = (self.image_row_positions[:, None] + self.image_column_positions[None, :]).reshape(
+            cfg.image_len, cfg.width)  # (N, D): row + column embedding of each raster position
+        positions = jax.lax.dynamic_slice_in_dim(table, first, codes.shape[1])
+        return self.image_embedding(codes) + positions.astype(self.dtype)
+
+    def start_slot(self, batch: int) -> jax.Array:
+        return jnp.broadcast_to(self.start.astype(self.dtype), (batch, 1, self.config.width))  # (B, 1, D)
+
     def __call__(self, text: jax.Array, codes: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         if text.shape[1:] != (cfg.text_len,) or codes.shape[1:] != (cfg.image_len,) or text.shape[0] != codes.shape[0]:
             raise ValueError(f"Expected text (B, {cfg.text_len}) and codes (B, {cfg.image_len}), found "
                              f"{text.shape} and {codes.shape}.")
-        batch = text.shape[0]
-        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        embed = lambda rows, name: nn.Embed(  # noqa: E731
-            rows, cfg.width, embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
-            name=name, **dtypes)
-        position = lambda rows, name: self.param(  # noqa: E731
-            name, partitioned(nn.initializers.normal(0.01), ("pos", "embed")), (rows, cfg.width), self.param_dtype)
-
-        text_x = embed(cfg.text_tokens, "text_embedding")(text_stream_ids(text, cfg.text_vocab))  # (B, T, D)
-        text_x = text_x + position(cfg.text_len, "text_positions").astype(self.dtype)
-        image_x = embed(cfg.image_vocab, "image_embedding")(codes)  # (B, N, D)
-        rows = position(cfg.image_h, "image_row_positions")  # (h, D)
-        cols = position(cfg.image_w, "image_column_positions")  # (w, D)
-        image_x = image_x + (rows[:, None] + cols[None, :]).reshape(cfg.image_len, cfg.width).astype(self.dtype)
-        start = position(1, "start")  # (1, D): the input of slot 0
-        x = jnp.concatenate([jnp.broadcast_to(start.astype(self.dtype), (batch, 1, cfg.width)), text_x,
-                             image_x[:, :-1]], axis=1)  # (B, L, D): slot p holds token p - 1
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        masks = layer_masks(cfg)
-        x = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio * cfg.width, "gelu", remat=self.remat,
-                        scan_layers=self.scan_layers, per_layer_mask=masks.ndim == 3, name="transformer",
-                        **dtypes)(x, masks)
-        x = LayerNorm(name="ln_final", **dtypes)(x)
-        head = lambda features, name: nn.Dense(  # noqa: E731
-            features, kernel_init=partitioned(nn.initializers.normal(cfg.width**-0.5), ("embed", "vocab")),
-            bias_init=partitioned(nn.initializers.zeros_init(), ("vocab",)), name=name, **dtypes)
-        text_logits = head(cfg.text_tokens, "to_text_logits")(x[:, : cfg.text_len])  # (B, T, V_text)
-        image_logits = head(cfg.image_vocab, "to_image_logits")(x[:, cfg.text_len:])  # (B, N, V_image)
+        x = jnp.concatenate([self.start_slot(text.shape[0]), self.embed_text(text),
+                             self.embed_image(codes[:, :-1])], axis=1)  # (B, L, D): slot p holds token p - 1
+        x = self._blocks(nn.with_logical_constraint(x, ("batch", "length", "embed")), self.masks)
+        text_logits = self.to_text_logits(x[:, : cfg.text_len])  # (B, T, V_text)
+        image_logits = self.to_image_logits(x[:, cfg.text_len:])  # (B, N, V_image)
         return text_logits.astype(jnp.float32), image_logits.astype(jnp.float32)
+
+    def decode_slots(self, x: jax.Array, first_slot: int | jax.Array) -> jax.Array:
+        """Slot inputs x (B, n, D) at slots first_slot .. first_slot + n - 1, through the cache
+        (decode=True; the slots before must have been decoded already) -> image logits (B, n, V_image) fp32
+        of the image tokens those slots predict (slot p predicts image token p - text_len)."""
+        rows = jax.lax.dynamic_slice_in_dim(self.masks, first_slot, x.shape[1], axis=-2)  # (..., n, L)
+        return self.to_image_logits(self._blocks(x, rows)).astype(jnp.float32)
+
+    def _blocks(self, x: jax.Array, masks: jax.Array) -> jax.Array:
+        return self.ln_final(self.transformer(x, masks))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
