@@ -63,7 +63,7 @@ class CLIPTask:
                                                 params.get("logit_bias"), mesh=self.mesh)
         return loss, metrics, new_model_state
 
-    def loss(self, params, model_state, batch, rng, step):
+    def loss(self, params, model_state, batch, rng, update):
         return self._loss(params, model_state, batch, train=True)
 
     def eval_metrics(self, params, model_state, batch):

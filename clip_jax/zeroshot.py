@@ -81,23 +81,30 @@ def _host_multiple(mesh: Mesh) -> int:
 
 def embed_texts(bundle: Any, texts: Sequence[str], *, batch_size: int = 256, mesh: Mesh | None = None,
                 desc: str = "text") -> np.ndarray:
-    """L2-normalised text features (N, D) float32 of `texts`, encoded in sharded batches.
+    """L2-normalised text features (N, D) float32 of `texts`; every host passes the same texts."""
+    tokens = np.asarray(bundle.tokenize(list(texts)), np.int32)  # (N, context_length)
+    return embed_rows(bundle.encode_text, tokens, batch_size=batch_size, mesh=mesh, desc=desc)
 
-    Every host passes the same texts; each device encodes its slice of a batch.
+
+def embed_rows(encode: Any, rows: np.ndarray, *, batch_size: int = 256, mesh: Mesh | None = None,
+               desc: str = "rows") -> np.ndarray:
+    """L2-normalised features (N, D) float32 of `encode` over `rows` (N, ...), which every host holds whole.
+
+    Each device encodes its slice of a batch; the features come back replicated, so every host gets
+    them all, whatever the sharding of the parameters `encode` closes over (FSDP across hosts too).
     """
     mesh = mesh or make_mesh("data_parallel")
     ways = batch_axis_size(mesh)
     batch_size = math.ceil(batch_size / ways) * ways  # one compiled shape, split evenly
     gather = jax.jit(normalize, out_shardings=replicated(mesh))
     out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=jax.process_index() != 0):
-        chunk = list(texts[start:start + batch_size])
-        host_tokens = _pad_rows(np.asarray(bundle.tokenize(chunk), np.int32), batch_size)  # (B, 77)
-        tokens = jax.make_array_from_callback(host_tokens.shape, batch_sharding(mesh, 2),
-                                              lambda idx: host_tokens[idx])
-        out.append(np.asarray(gather(bundle.encode_text(tokens)))[:len(chunk)])
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=jax.process_index() != 0):
+        chunk = rows[start:start + batch_size]
+        host = _pad_rows(chunk, batch_size)  # (B, ...)
+        placed = jax.make_array_from_callback(host.shape, batch_sharding(mesh, host.ndim), lambda idx: host[idx])
+        out.append(np.asarray(gather(encode(placed)))[:len(chunk)])
     if not out:
-        raise ValueError("Expected at least one text to embed, found none.")
+        raise ValueError(f"Expected at least one row to embed ({desc}), found none.")
     return np.concatenate(out)
 
 

@@ -1,5 +1,5 @@
 """Optimizer for every model here: AdamW, linear warmup + cosine decay, masked weight decay,
-global-norm clipping and gradient accumulation.
+global-norm clipping and gradient accumulation (optax.MultiSteps).
 
 Defaults follow CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision", sec. 2.5 and table 19): AdamW (Loshchilov & Hutter 2019) with decoupled weight decay
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from common.config import dataclass_from
 
 #: Lowercase substrings of a parameter path that exclude it from weight decay. Together with the
 #: ``ndim < 2`` rule this skips biases, norm gains (flax ``scale``; modules named LayerNorm, norm*,
@@ -63,22 +65,6 @@ class OptimConfig:
                 raise ValueError(f"invalid OptimConfig: expected {rule}, found {self}")
         object.__setattr__(self, "no_decay_names", tuple(self.no_decay_names))
 
-    @classmethod
-    def from_any(cls, cfg: OptimConfig | Mapping[str, Any] | Any) -> OptimConfig:
-        """Builds a config from itself, a dict or an ``ml_collections.ConfigDict``; missing fields keep
-        their defaults, unknown fields are an error (they are usually typos)."""
-        if isinstance(cfg, cls):
-            return cfg
-        values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(
-                f"unknown optimizer config fields {unknown}; expected a subset of {sorted(fields)}: "
-                "fix the name or remove the field from the experiment config"
-            )
-        return cls(**values)
-
 
 def make_schedule(cfg: OptimConfig | Mapping[str, Any] | Any) -> optax.Schedule:
     """Learning rate per optimizer update: linear 0 -> peak over ``warmup_steps``, then a half cosine
@@ -87,7 +73,7 @@ def make_schedule(cfg: OptimConfig | Mapping[str, Any] | Any) -> optax.Schedule:
     lr(t) = peak * t / W                                         for t < W
     lr(t) = end + (peak - end) * (1 + cos(pi * (t - W) / (T - W))) / 2   for W <= t <= T
     """
-    cfg = OptimConfig.from_any(cfg)
+    cfg = dataclass_from(OptimConfig, cfg)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
@@ -127,11 +113,9 @@ def make_optimizer(cfg: OptimConfig | Mapping[str, Any] | Any) -> optax.Gradient
 
     With ``MultiSteps`` the step function is called once per micro-batch: gradients are averaged in
     the optimizer state and an update is applied every ``accum_steps`` calls (zeros in between), so
-    clipping and the schedule see the accumulated gradient and count real updates. Alternatively keep
-    ``accum_steps=1`` and accumulate inside one jitted step with :func:`accumulate_gradients`, which
-    needs no extra optimizer state and compiles to a single call per update.
+    clipping and the schedule see the accumulated gradient and count real updates.
     """
-    cfg = OptimConfig.from_any(cfg)
+    cfg = dataclass_from(OptimConfig, cfg)
     adamw = optax.adamw(
         learning_rate=make_schedule(cfg),
         b1=cfg.b1,
@@ -144,52 +128,3 @@ def make_optimizer(cfg: OptimConfig | Mapping[str, Any] | Any) -> optax.Gradient
     if cfg.accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.accum_steps)
     return tx
-
-
-def accumulate_gradients(
-    loss_fn: Callable[..., Any],
-    params: Any,
-    batch: Any,
-    num_micro_batches: int,
-    *,
-    rng: jax.Array | None = None,
-    has_aux: bool = False,
-) -> tuple[Any, Any]:
-    """Mean loss and gradient of ``loss_fn`` over ``batch``, computed in ``num_micro_batches`` pieces.
-
-    ``loss_fn(params, micro_batch[, rng])`` returns a scalar loss (or ``(loss, aux)`` with
-    ``has_aux``). Every leaf of ``batch`` is split along axis 0 into equal micro-batches, scanned
-    with ``jax.lax.scan`` so only one micro-batch's activations are live, and the losses, gradients
-    (and aux values) are averaged. When the loss is a mean over examples this equals the full-batch
-    gradient. It does *not* for losses that couple examples, such as CLIP's contrastive loss, whose
-    negatives are the whole batch: accumulation there shrinks the effective batch.
-
-    Micro-batch ``i`` takes examples ``i, i + k, i + 2k, ...`` (k = ``num_micro_batches``), so a batch
-    sharded along axis 0 stays evenly spread over devices in every micro-batch (each device's rows
-    must be divisible by k). With ``rng``, micro-batch ``i`` gets ``jax.random.fold_in(rng, i)``.
-    """
-    k = num_micro_batches
-    sizes = {x.shape[0] for x in jax.tree_util.tree_leaves(batch)}
-    if len(sizes) != 1 or next(iter(sizes)) % k:
-        raise ValueError(
-            f"expected every batch leaf to share a leading size divisible by num_micro_batches={k}, "
-            f"found leading sizes {sorted(sizes)}; change the batch size or num_micro_batches"
-        )
-
-    def split(x):  # (B, ...) -> (k, B / k, ...), micro-batch i = rows i::k
-        return jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
-
-    micro_batches = jax.tree_util.tree_map(split, batch)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
-
-    def body(carry, xs):
-        index, micro_batch = xs
-        args = (params, micro_batch) if rng is None else (params, micro_batch, jax.random.fold_in(rng, index))
-        value, grads = grad_fn(*args)
-        carry = jax.tree_util.tree_map(jnp.add, carry, grads)
-        return carry, value
-
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    grad_sum, values = jax.lax.scan(body, zeros, (jnp.arange(k), micro_batches))
-    grads = jax.tree_util.tree_map(lambda g: g / k, grad_sum)
-    return jax.tree_util.tree_map(lambda v: jnp.mean(v, axis=0), values), grads

@@ -271,9 +271,3 @@ def initialize_distributed(**kwargs: Any) -> bool:
     jax.distributed.initialize(**kwargs)
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
-
-
-def describe(shardings: Any) -> dict[str, str]:
-    """Flat {path: PartitionSpec string}, for logs and tests."""
-    flat = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
-    return {jax.tree_util.keystr(path): str(s.spec) for path, s in flat}

@@ -1,6 +1,7 @@
 """The one sharded training loop that CLIP, the dVAE and the DALL·E transformer share.
 
-A model family plugs in through a small `Task` (init, loss, eval). The loop:
+A model family plugs in through a small `Task` (init, loss, eval_metrics); the mesh is made
+first (`common.sharding.make_mesh`) and given to the task and to the `Trainer`. The loop:
   * creates the train state already sharded (`jax.eval_shape` -> logical rules
     -> `jax.jit(create, out_shardings=...)`), so nothing is ever materialised on
     one device;
@@ -12,7 +13,11 @@ A model family plugs in through a small `Task` (init, loss, eval). The loop:
   * checkpoints the state *and* the data-iterator state every N steps and on
     SIGTERM, so a resumed run replays exactly the batches it would have seen:
     a run killed at step k and restarted reaches bitwise the same parameters
-    as one never killed.
+    as one never killed;
+  * optionally keeps an exponential moving average of the parameters
+    (`ema_decay`), which evaluation then uses;
+  * runs named `evaluators` every `eval_every` steps and at the end, writing
+    their metrics to the same log (big_vision's `config.evals`).
 """
 
 from __future__ import annotations
@@ -37,11 +42,16 @@ from jax.experimental import multihost_utils
 from common import checkpoint as ckpt
 from common import metrics as metrics_lib
 from common import optim, sharding
+from common.config import dataclass_from
 
 log = logging.getLogger(__name__)
 
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
+# A named evaluation: (evaluation params, model_state) -> metrics. The arguments are the trainer's
+# sharded arrays (the parameter average when `ema_decay > 0`); every process calls it at the same
+# point, so it may run collectives, and it must never fetch a non-fully-addressable array whole.
+Evaluator = Callable[[Any, Any], Mapping[str, float]]
 
 
 class NonFiniteError(RuntimeError):
@@ -53,17 +63,21 @@ class Task(Protocol):
 
     `init(rng)` returns flax variables ({"params": ..., other collections})
     with logically annotated leaves. `loss(params, model_state, batch, rng,
-    step)` returns `(loss, metrics, new_model_state)`; `new_model_state` is
+    update)` returns `(loss, metrics, new_model_state)`; `update` counts the
+    optimizer updates applied so far (what schedules should follow: under
+    gradient accumulation several steps share one), and `new_model_state` is
     None unless the task updates non-trainable collections (BatchNorm
     statistics). `eval_metrics(params, model_state, batch)` returns a dict of
-    batch-mean metrics (optional: tasks without it are not evaluated).
+    batch-mean metrics.
     """
 
     def init(self, rng: jax.Array) -> Mapping[str, Any]: ...
 
     def loss(
-        self, params: Any, model_state: Any, batch: Batch, rng: jax.Array, step: jax.Array
+        self, params: Any, model_state: Any, batch: Batch, rng: jax.Array, update: jax.Array
     ) -> tuple[jax.Array, Metrics, Any]: ...
+
+    def eval_metrics(self, params: Any, model_state: Any, batch: Batch) -> Metrics: ...
 
 
 class DataIterator(Protocol):
@@ -78,10 +92,12 @@ class DataIterator(Protocol):
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array
+    step: jax.Array  # train steps (micro-batches) taken, skipped ones included
+    update: jax.Array  # optimizer updates applied: step / accum_steps, less the skipped ones
     params: Any
     opt_state: Any
     model_state: Any  # non-trainable collections (e.g. batch_stats); {} when none
+    ema_params: Any  # the parameter average when ema_decay > 0, else None
     rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
     nonfinite_total: jax.Array
     nonfinite_streak: jax.Array
@@ -95,41 +111,44 @@ class TrainerConfig:
     one micro-batch of `global_batch_size` and the optimizer applies the
     averaged update every k steps (optax.MultiSteps), so `total_steps` counts
     micro-batches and the schedule counts updates (total_steps / k).
+
+    Parameter averaging (Polyak averaging, as the DALL·E dVAE's 0.999): with
+    `ema_decay = d > 0` every applied update moves the average by
+    `ema <- d * ema + (1 - d) * params` (optax.incremental_update) with the
+    parameters after that update; micro-batches in between leave it alone, so
+    the decay is per update, not per step. Evaluators see the average.
     """
 
     total_steps: int = 1000
     global_batch_size: int = 64
-    mesh: Mapping[str, int] | str = "data_parallel"  # sizes or a preset of common/sharding.py
+    mesh: Mapping[str, int] | str = "data_parallel"  # sizes or a preset of common/sharding.py, read by the driver
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 0  # 0: only at the end (when the task can evaluate)
+    eval_every: int = 0  # run the evaluators every this many steps; 0: only at the end
+    ema_decay: float = 0.0  # parameter average per optimizer update, used for evaluation; 0: none
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     max_nonfinite_streak: int = 10  # consecutive skipped steps before the run stops
     progress: bool = True
 
-    @classmethod
-    def from_any(cls, cfg: Any) -> TrainerConfig:
-        if isinstance(cfg, cls):
-            return cfg
-        values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"Unknown trainer config fields {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}.")
-        return cls(**values)
+    def __post_init__(self):
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"invalid TrainerConfig: expected 0 <= ema_decay < 1 (0 disables averaging), "
+                             f"found {self.ema_decay}")
 
 
 def _where(ok: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def train_step(state: TrainState, batch: Batch, *, task: Task, tx: optax.GradientTransformation) -> tuple[TrainState, Metrics]:
-    """One update. Pure: the same state and batch give bitwise the same result."""
+def train_step(state: TrainState, batch: Batch, *, task: Task, tx: optax.GradientTransformation,
+               ema_decay: float = 0.0) -> tuple[TrainState, Metrics]:
+    """One micro-batch. Pure: the same state and batch give bitwise the same result."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params):
-        loss, metrics, new_model_state = task.loss(params, state.model_state, batch, rng, state.step)
+        loss, metrics, new_model_state = task.loss(params, state.model_state, batch, rng, state.update)
         return loss, (metrics, new_model_state)
 
     (loss, (metrics, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -139,10 +158,17 @@ def train_step(state: TrainState, batch: Batch, *, task: Task, tx: optax.Gradien
     new_params = optax.apply_updates(state.params, updates)
     if new_model_state is None:
         new_model_state = state.model_state
-    # A bad step leaves params, optimizer moments and statistics untouched.
+    # Under accumulation (optax.MultiSteps) most steps only add to the gradient sum.
+    applied = ok & (tx.has_updated(new_opt_state) if isinstance(tx, optax.MultiSteps) else True)
+    ema_params = state.ema_params
+    if ema_decay > 0:
+        ema_params = _where(applied, optax.incremental_update(new_params, ema_params, 1.0 - ema_decay), ema_params)
+    # A bad step leaves params, optimizer moments, statistics and the average untouched.
     streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
     state = state.replace(
         step=state.step + 1,
+        update=state.update + applied.astype(jnp.int32),
+        ema_params=ema_params,
         params=_where(ok, new_params, state.params),
         opt_state=_where(ok, new_opt_state, state.opt_state),
         model_state=_where(ok, new_model_state, state.model_state),
@@ -153,25 +179,29 @@ def train_step(state: TrainState, batch: Batch, *, task: Task, tx: optax.Gradien
     return state, metrics
 
 
-def create_train_state(task: Task, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def create_train_state(task: Task, tx: optax.GradientTransformation, rng: jax.Array, *,
+                       ema: bool = False) -> TrainState:
     """The initial state, with logical boxes still on (so shardings can be derived)."""
     init_rng, step_rng = jax.random.split(rng)
     variables = dict(task.init(init_rng))
     params = variables.pop("params")
     return TrainState(
         step=jnp.zeros((), jnp.int32),
+        update=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         model_state=variables,
+        ema_params=params if ema else None,  # same logical axes, hence the same shardings
         rng=jax.random.key_data(step_rng),
         nonfinite_total=jnp.zeros((), jnp.int32),
         nonfinite_streak=jnp.zeros((), jnp.int32),
     )
 
 
-def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh, *,
+               ema: bool = False) -> tuple[TrainState, Any]:
     """(state, shardings): the train state born sharded on `mesh`."""
-    create = functools.partial(create_train_state, task, tx)
+    create = functools.partial(create_train_state, task, tx, ema=ema)
     return sharding.init_sharded(create, jax.random.key(seed), mesh=mesh)
 
 
@@ -218,7 +248,7 @@ class TrainResult:
     state: TrainState
     step: int
     history: list[dict[str, float]]
-    eval_history: list[dict[str, float]]
+    evaluations: dict[str, dict[str, float]]  # evaluator name -> its latest metrics, with their "step"
     preempted: bool
     nonfinite_total: int
     seconds: float
@@ -226,7 +256,10 @@ class TrainResult:
 
 
 class Trainer:
-    """Runs a `Task` on a mesh: init or resume, train, evaluate, checkpoint."""
+    """Runs a `Task` on a mesh: init or resume, train, evaluate, checkpoint.
+
+    `mesh` is the one the task was built with (make it first: `sharding.make_mesh(cfg.mesh)`).
+    """
 
     def __init__(
         self,
@@ -235,16 +268,17 @@ class Trainer:
         optim_cfg: optim.OptimConfig | Any,
         workdir: str | Path,
         *,
-        devices: list[jax.Device] | None = None,
+        mesh: jax.sharding.Mesh,
     ):
         self.task = task
-        self.cfg = TrainerConfig.from_any(cfg)
-        self.optim_cfg = optim.OptimConfig.from_any(optim_cfg)
+        self.cfg = dataclass_from(TrainerConfig, cfg)
+        self.optim_cfg = dataclass_from(optim.OptimConfig, optim_cfg)
         self.workdir = Path(workdir)
-        self.mesh = sharding.make_mesh(self.cfg.mesh, devices)
+        self.mesh = mesh
         sharding.check_batch_divisible(self.cfg.global_batch_size, self.mesh)
         self.tx = optim.make_optimizer(self.optim_cfg)
-        self.state, self.state_shardings = init_state(task, self.tx, self.cfg.seed, self.mesh)
+        self.state, self.state_shardings = init_state(task, self.tx, self.cfg.seed, self.mesh,
+                                                      ema=self.cfg.ema_decay > 0)
         self.checkpoints = ckpt.CheckpointManager(
             self.workdir / "checkpoints",
             max_to_keep=self.cfg.keep_checkpoints,
@@ -261,7 +295,7 @@ class Trainer:
     def compiled_train_step(self, batch: Batch) -> Callable:
         if self._train_step is None:
             self._train_step = jax.jit(
-                functools.partial(train_step, task=self.task, tx=self.tx),
+                functools.partial(train_step, task=self.task, tx=self.tx, ema_decay=self.cfg.ema_decay),
                 in_shardings=(self.state_shardings, self._batch_shardings(batch)),
                 out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                 donate_argnums=0,
@@ -269,11 +303,13 @@ class Trainer:
         return self._train_step
 
     def compiled_eval_step(self, batch: Batch) -> Callable:
+        """`(params, model_state, batch) -> metrics`, the task's `eval_metrics` on the mesh."""
         if self._eval_step is None:
             # Eval never donates: the state lives on.
             self._eval_step = jax.jit(
-                lambda state, b: self.task.eval_metrics(state.params, state.model_state, b),
-                in_shardings=(self.state_shardings, self._batch_shardings(batch)),
+                self.task.eval_metrics,
+                in_shardings=(self.state_shardings.params, self.state_shardings.model_state,
+                              self._batch_shardings(batch)),
                 out_shardings=sharding.replicated(self.mesh),
             )
         return self._eval_step
@@ -306,25 +342,45 @@ class Trainer:
         return self.checkpoints.save(step, self.state, meta, force=force)
 
     # -- evaluation -----------------------------------------------------------
-    def evaluate(self, batches: Iterator[Batch]) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        count = 0
-        for host_batch in batches:
-            batch = sharding.shard_batch(host_batch, self.mesh)
-            m = jax.device_get(self.compiled_eval_step(batch)(self.state, batch))
-            for k, v in m.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            count += 1
-        return {k: v / max(count, 1) for k, v in totals.items()}
+    @property
+    def eval_params(self) -> Any:
+        """The parameters evaluators see: the average when `ema_decay > 0`."""
+        return self.state.params if self.state.ema_params is None else self.state.ema_params
+
+    def metrics_evaluator(self, batches: Callable[[], Iterator[Batch]]) -> Evaluator:
+        """An evaluator averaging the task's `eval_metrics` over one pass of `batches()`."""
+
+        def evaluate(params: Any, model_state: Any) -> dict[str, float]:
+            totals: dict[str, float] = {}
+            count = 0
+            for host_batch in batches():
+                batch = sharding.shard_batch(host_batch, self.mesh)
+                m = jax.device_get(self.compiled_eval_step(batch)(params, model_state, batch))
+                for k, v in m.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                count += 1
+            return {k: v / max(count, 1) for k, v in totals.items()}
+
+        return evaluate
+
+    def _run_evaluators(self, evaluators: Mapping[str, Evaluator], step: int, writer: metrics_lib.MetricWriter,
+                        evaluations: dict[str, dict[str, float]]) -> None:
+        for name, evaluator in evaluators.items():
+            ev = {k: float(v) for k, v in evaluator(self.eval_params, self.state.model_state).items()}
+            evaluations[name] = {"step": step, **ev}
+            writer.write_scalars(step, {f"{name}/{k}": v for k, v in ev.items()})
+            log.info("%s at step %d: %s", name, step, ev)
 
     # -- the loop -------------------------------------------------------------
-    def fit(self, data: DataIterator, eval_batches: Callable[[], Iterator[Batch]] | None = None) -> TrainResult:
+    def fit(self, data: DataIterator, evaluators: Mapping[str, Evaluator] | None = None) -> TrainResult:
+        """Trains to `total_steps` (resuming from the latest checkpoint); runs `evaluators` every
+        `eval_every` steps and once at the end, unless the run was preempted."""
         cfg = self.cfg
+        evaluators = dict(evaluators or {})
         start = self.restore_if_any(data)
         writer = metrics_lib.MetricWriter(self.workdir)
         history: list[dict[str, float]] = []
-        eval_history: list[dict[str, float]] = []
-        can_eval = eval_batches is not None and hasattr(self.task, "eval_metrics")
+        evaluations: dict[str, dict[str, float]] = {}
         bar = metrics_lib.progress_bar(cfg.total_steps, "train", enabled=None if cfg.progress else False, initial=start)
         t0, examples = time.perf_counter(), 0
         preempted = False
@@ -348,10 +404,8 @@ class Trainer:
                         writer.write_scalars(step, record)
                         metrics_lib.set_postfix_metrics(bar, {"loss": record["loss"]}, examples_per_step=cfg.global_batch_size)
                         self._check_finite()
-                    if can_eval and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-                        ev = self.evaluate(eval_batches())
-                        eval_history.append({"step": step, **ev})
-                        writer.write_scalars(step, {f"eval/{k}": v for k, v in ev.items()})
+                    if cfg.eval_every and step % cfg.eval_every == 0 and not last:
+                        self._run_evaluators(evaluators, step, writer, evaluations)
                     # Hosts agree on a SIGTERM at log and checkpoint boundaries (a host that stopped alone
                     # would wait forever in the next collective); orbax's own signal is already global.
                     boundary = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last
@@ -363,18 +417,20 @@ class Trainer:
                         self.save(data, force=last or preempted)
                     if preempted:
                         break
+                seconds = time.perf_counter() - t0
+                if not preempted:  # the final evaluation, also when there was nothing left to train
+                    self._run_evaluators(evaluators, step, writer, evaluations)
         finally:
             bar.close()
             self.checkpoints.wait_until_finished()
             writer.close()
-        seconds = time.perf_counter() - t0
         if history and writer.enabled:  # process 0 wrote the log; the others have none to plot
             metrics_lib.plot_curves(self.workdir / "metrics.jsonl", ["loss"], self.workdir / "loss.png")
         return TrainResult(
             state=self.state,
             step=step,
             history=history,
-            eval_history=eval_history,
+            evaluations=evaluations,
             preempted=preempted,
             nonfinite_total=int(jax.device_get(self.state.nonfinite_total)),
             seconds=seconds,
@@ -382,7 +438,8 @@ class Trainer:
         )
 
     def summary(self, result: TrainResult, data: DataIterator | None = None) -> dict[str, Any]:
-        """The JSON-able facts of a `fit` that every task's run reports."""
+        """The JSON-able facts of a `fit` that every task's run reports; each evaluator's latest
+        metrics under its name."""
         h = result.history
         return {
             "steps": result.step,
@@ -392,8 +449,8 @@ class Trainer:
             "nonfinite_steps": result.nonfinite_total,
             "preempted": result.preempted,
             "mesh": dict(self.mesh.shape),
-            "eval": result.eval_history[-1] if result.eval_history else None,
             "data": data.stats() if hasattr(data, "stats") else None,
+            **result.evaluations,
         }
 
     def _check_finite(self) -> None:

@@ -11,7 +11,7 @@ number of pixel values makes the KL weight beta / 192 at 256x256 (appendix A.2).
 beta 0 -> 6.6 over the first 5,000 updates and tau 1 -> 1/16 over the first 150,000 (linear
 annealing of tau "typically led to divergence"), and the step size 1e-4 -> 1.25e-6 over 1.2M
 updates, all with cosine schedules; Adam with b2 = 0.999 and weight decay 1e-4; parameters
-averaged with decay 0.999 (the ones evaluated here when `ema_decay > 0`).
+averaged with decay 0.999 per update (the trainer's `ema_decay`; evaluation uses the average).
 
 `DVAETask` plugs this into `common/trainer.py` (sharded step, checkpoints with the data position,
 preemption-safe resume); the driver that wires a config to it is experiments/train_dvae.py.
@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from common.data.pipeline import AugmentConfig, make_image_text_pipeline
 from common.images import CLIP_MEAN, CLIP_STD
@@ -61,12 +60,6 @@ class LossConfig:
             )
         if self.temperature_start <= 0 or self.temperature_end <= 0 or self.kl_weight < 0:
             raise ValueError(f"invalid LossConfig: expected positive temperatures and kl_weight >= 0, found {self}")
-
-    @classmethod
-    def from_any(cls, cfg: LossConfig | Mapping[str, Any] | Any) -> LossConfig:
-        if isinstance(cfg, cls):
-            return cfg
-        return cls(**(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)))
 
 
 def anneal(start: float, end: float, steps: int, kind: Schedule) -> Callable[[jax.Array], jax.Array]:
@@ -128,51 +121,28 @@ def _unit_interval(images: jax.Array) -> jax.Array:
 class DVAETask:
     """The dVAE as a `common.trainer.Task`: batches are {"image": uint8 (B, H, W, C)}.
 
-    With `ema_decay > 0` the variables hold an "ema" collection, the parameter average that
-    evaluation uses. The trainer's loss sees the parameters an update starts from, so the average
-    is the one of those: a step behind `optax.incremental_update` after each update, a difference
-    of (1 - ema_decay) times one update.
-
-    With gradient accumulation (`accum_steps` trainer steps per optimizer update) the annealing
-    schedules count updates, and the average moves by `ema_decay ** (1 / accum_steps)` per
-    micro-batch, which is `ema_decay` per update since the parameters hold still in between.
+    The annealing schedules follow the trainer's count of optimizer updates (under gradient
+    accumulation several steps make one update). The paper's parameter averaging (decay 0.999 per
+    update) is the trainer's `ema_decay`; evaluation then sees the average.
     """
 
-    def __init__(self, model: DVAE, loss_cfg: LossConfig, *, image_size: int, ema_decay: float = 0.0,
-                 accum_steps: int = 1):
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"Expected 0 <= ema_decay < 1 (0 disables averaging), found {ema_decay}.")
-        if accum_steps < 1:
-            raise ValueError(f"Expected accum_steps >= 1 micro-batches per update, found {accum_steps}.")
+    def __init__(self, model: DVAE, loss_cfg: LossConfig, *, image_size: int):
         multiple = model.config.downsample
         if image_size < multiple or image_size % multiple:
             raise ValueError(f"image_size={image_size} must be a positive multiple of {multiple}, the dVAE's "
                              f"downsampling with group_count={model.config.group_count}; pick e.g. "
                              f"{max(multiple, image_size // multiple * multiple)}.")
         self.model, self.loss_cfg, self.image_size = model, loss_cfg, image_size
-        self.ema_decay, self.accum_steps = ema_decay, accum_steps
 
     def init(self, rng: jax.Array) -> dict[str, Any]:
         k_params, k_gumbel = jax.random.split(rng)
         dummy = jnp.zeros((1, self.image_size, self.image_size, self.model.config.channels), jnp.float32)
-        variables = dict(self.model.init({"params": k_params, "gumbel": k_gumbel}, dummy, 1.0))
-        if self.ema_decay > 0:
-            variables["ema"] = variables["params"]  # same logical axes, hence the same shardings
-        return variables
+        return self.model.init({"params": k_params, "gumbel": k_gumbel}, dummy, 1.0)
 
-    def loss(self, params, model_state, batch, rng, step):
-        update = step // self.accum_steps
+    def loss(self, params, model_state, batch, rng, update):
         loss, metrics = dvae_loss(params, _unit_interval(batch["image"]), rng, update, model=self.model,
                                   loss_cfg=self.loss_cfg)
-        new_state = None
-        if self.ema_decay > 0:
-            decay = self.ema_decay ** (1.0 / self.accum_steps)
-            new_state = {"ema": optax.incremental_update(params, model_state["ema"], 1.0 - decay)}
-        return loss, metrics, new_state
-
-    def eval_params(self, params: Any, model_state: Mapping[str, Any]) -> Any:
-        """The parameters evaluated: the average when there is one."""
-        return model_state.get("ema", params)
+        return loss, metrics, None
 
     def reconstruct(self, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """uint8 (B, H, W, C) -> ((B, h, w) argmax codes, (B, H, W, C) reconstructions in [0, 1])."""
@@ -183,7 +153,7 @@ class DVAETask:
 
     def eval_metrics(self, params, model_state, batch):
         """Batch means of the squared error and of the PSNR (peak 1) per image, through argmax codes."""
-        _, rec = self.reconstruct(self.eval_params(params, model_state), batch["image"])
+        _, rec = self.reconstruct(params, batch["image"])
         mse = jnp.mean(jnp.square(rec - _unit_interval(batch["image"])), axis=(1, 2, 3))  # (B,)
         psnr = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
         return {"mse": jnp.mean(mse), "psnr": jnp.mean(psnr)}

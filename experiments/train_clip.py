@@ -1,9 +1,10 @@
-"""The CLIP training driver: config -> task + pipelines -> trainer -> summary.json.
+"""The CLIP training driver: config -> mesh -> task + pipelines -> trainer -> summary.json.
 
 `run(config, workdir)` is what `python -m experiments.run --config experiments/configs/clip_*.py`
-calls: it builds the model from the config and the input pipeline, trains (resuming from the
-last checkpoint in workdir), and evaluates zero-shot classification and retrieval on the
-built-in shapes data when `config.zeroshot_shapes` asks for it (smoke runs).
+calls: it makes the mesh, builds the model and the input pipeline, trains (resuming from the last
+checkpoint in workdir) and runs the evaluators: the task's metrics on `config.eval_data`, and
+zero-shot classification and retrieval on the built-in shapes data when `config.zeroshot_shapes`
+asks for it (smoke runs). Everything here runs on every host of a multi-host job.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import numpy as np
 
 from clip_jax import retrieval, zeroshot
 from clip_jax.api import CLIPBundle
-from clip_jax.model import normalize
 from clip_jax.train import CLIPTask
 from clip_jax.variants import CLIPConfig, decode_variant
+from common import sharding
 from common.data import pipeline, shapes, sources
 from common.images import normalize_rgb
-from common.trainer import Trainer
+from common.trainer import Evaluator, Trainer
 
 # Prompts for the shapes data's two label kinds; none of them is a training caption's wording.
 SHAPES_TEMPLATES = {
@@ -41,32 +42,46 @@ def model_config(cfg: Any) -> CLIPConfig:
     return CLIPConfig(cfg.get("embed_dim", base.embed_dim), vision, text)
 
 
-def make_task(config: Any) -> CLIPTask:
-    """The `CLIPTask` that `config` (experiments/configs/clip_common.py) describes."""
+def make_task(config: Any, mesh: jax.sharding.Mesh) -> CLIPTask:
+    """The `CLIPTask` that `config` (experiments/configs/clip_common.py) describes, its loss sharded over `mesh`."""
     m = config.model
     return CLIPTask(model_config(m), loss=config.loss, dtype=jnp.dtype(m.get("dtype", "float32")),
                     remat=m.get("remat", False), scan_layers=m.get("scan_layers", False),
-                    freeze_batchnorm=m.get("freeze_batchnorm", False))
+                    freeze_batchnorm=m.get("freeze_batchnorm", False), mesh=mesh)
 
 
 def shapes_zero_shot(bundle: CLIPBundle, dataset, *, batch_size: int, mesh) -> dict[str, float]:
-    """Zero-shot colour and shape accuracy (prompt ensembling) and retrieval recall on a shapes split."""
+    """Zero-shot colour and shape accuracy (prompt ensembling) and retrieval recall on a shapes split.
+
+    Every host renders the whole split; features come back replicated (`zeroshot.embed_rows`), so
+    this works on parameters sharded over the devices of every host.
+    """
     items = [dataset[i] for i in range(len(dataset))]
     images = np.stack([normalize_rgb(it["image"]) for it in items])  # (N, S, S, 3) CLIP-normalised
     # Each image is encoded once; both classifiers and retrieval score the same features.
-    image_features = np.concatenate([np.asarray(bundle.encode_image(images[i:i + batch_size]))
-                                     for i in range(0, len(items), batch_size)])  # (N, E)
+    image_features = zeroshot.embed_rows(bundle.encode_image, images, batch_size=batch_size, mesh=mesh,
+                                         desc="images")  # (N, E) unit rows
     out = {}
     for kind, names in (("shape", shapes.SHAPES), ("color", shapes.COLORS)):
         weights = zeroshot.zero_shot_weights(bundle, list(names), list(SHAPES_TEMPLATES[kind]), mesh=mesh)  # (E, C)
         labels = np.asarray([it[f"{kind}_id"] for it in items], np.int32)
-        logits = normalize(image_features) @ weights  # (N, C)
-        out[f"zeroshot_{kind}_top1"] = zeroshot.accuracy(logits, labels, topk=(1,))["top1"]
+        out[f"zeroshot_{kind}_top1"] = zeroshot.accuracy(image_features @ weights, labels, topk=(1,))["top1"]
         out[f"chance_{kind}_top1"] = 1.0 / len(names)
     text_features = zeroshot.embed_texts(bundle, [it["caption"] for it in items], mesh=mesh)
     recall = retrieval.retrieval_metrics(image_features, text_features, np.arange(len(items)))
     out.update({f"retrieval_{k}": float(v) for k, v in recall.items()})
     return out
+
+
+def shapes_evaluator(task: CLIPTask, split: str, zcfg: Any, mesh: jax.sharding.Mesh) -> Evaluator:
+    """`shapes_zero_shot` on `split` of `config.zeroshot_shapes`, for the trainer's evaluators."""
+    dataset = shapes.ShapesDataset(split, zcfg.num_examples, shapes.ShapesConfig(image_size=task.config.vision.image_size))
+
+    def evaluate(params: Any, model_state: Any) -> dict[str, float]:
+        bundle = CLIPBundle(task.model, {"params": params, **model_state}, task.config, "trained")
+        return shapes_zero_shot(bundle, dataset, batch_size=zcfg.batch_size, mesh=mesh)
+
+    return evaluate
 
 
 def make_pipeline(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
@@ -79,28 +94,25 @@ def make_pipeline(data_cfg: Any, *, global_batch_size: int, image_size: int, con
 
 
 def run(config: Any, workdir: str | Path) -> dict[str, Any]:
-    """Trains CLIP as `config` says (resuming if workdir has checkpoints), then evaluates."""
+    """Trains CLIP as `config` says (resuming if workdir has checkpoints), evaluates, writes summary.json."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    task = make_task(config)
+    mesh = sharding.make_mesh(config.trainer.mesh)
+    task = make_task(config, mesh)
+    trainer = Trainer(task, config.trainer, config.optim, workdir, mesh=mesh)
     cfg = task.config
-    trainer = Trainer(task, dict(config.trainer), dict(config.optim), workdir)
-    task.mesh = trainer.mesh  # sharded loss over the trainer's mesh
     sizes = dict(global_batch_size=trainer.cfg.global_batch_size, image_size=cfg.vision.image_size,
                  context_length=cfg.text.context_length)
     data = make_pipeline(config.data, seed=trainer.cfg.seed, **sizes)
-    eval_batches = None
+    evaluators = {}
     if config.get("eval_data") is not None:
-        eval_batches = lambda: make_pipeline(config.eval_data, seed=0, train=False, num_epochs=1, **sizes)  # noqa: E731
-    result = trainer.fit(data, eval_batches=eval_batches)
+        evaluators["eval"] = trainer.metrics_evaluator(
+            lambda: make_pipeline(config.eval_data, seed=0, train=False, num_epochs=1, **sizes))
+    if config.get("zeroshot_shapes"):
+        for split in config.zeroshot_shapes.splits:
+            evaluators[f"shapes_{split}"] = shapes_evaluator(task, split, config.zeroshot_shapes, mesh)
+    result = trainer.fit(data, evaluators)
     summary = trainer.summary(result, data)
-    if config.get("zeroshot_shapes") and not result.preempted:
-        z = config.zeroshot_shapes
-        bundle = CLIPBundle(task.model, {"params": jax.device_get(result.state.params), **result.state.model_state},
-                            cfg, "trained")
-        for split in z.splits:
-            ds = shapes.ShapesDataset(split, z.num_examples, shapes.ShapesConfig(image_size=cfg.vision.image_size))
-            summary[f"shapes_{split}"] = shapes_zero_shot(bundle, ds, batch_size=z.batch_size, mesh=trainer.mesh)
     trainer.close()
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

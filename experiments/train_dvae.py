@@ -1,14 +1,13 @@
-"""The dVAE training driver (DALL·E stage 1): config -> task + pipelines -> trainer -> summary.json.
+"""The dVAE training driver (DALL·E stage 1): config -> mesh -> task + pipelines -> trainer -> summary.json.
 
 `train(config, workdir)` is what `python -m experiments.run --config experiments/configs/dvae.py`
-calls.
+calls. Everything here runs on every host of a multi-host job.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from common import sharding as sh
+from common.config import dataclass_from
 from common.data.sources import source_from_config
 from common.images import save_image_grid
 from common.metrics import plot_curves
-from common.trainer import Trainer
+from common.trainer import Evaluator, Trainer
 from dalle_jax.dvae import DVAE, DVAEConfig
 from dalle_jax.dvae_train import DVAETask, LossConfig, codebook_stats, image_batches
-
-log = logging.getLogger(__name__)
 
 
 def make_task(config: ml_collections.ConfigDict) -> DVAETask:
@@ -34,8 +32,7 @@ def make_task(config: ml_collections.ConfigDict) -> DVAETask:
     model_cfg = dict(config.model)
     dtype = jnp.dtype(model_cfg.pop("dtype", "float32"))
     model = DVAE(DVAEConfig(**model_cfg), dtype=dtype, param_dtype=jnp.float32)
-    return DVAETask(model, LossConfig.from_any(config.loss), image_size=config.image_size,
-                    ema_decay=config.ema_decay, accum_steps=config.optim.get("accum_steps", 1))
+    return DVAETask(model, dataclass_from(LossConfig, config.loss), image_size=config.image_size)
 
 
 def codebook_usage(task: DVAETask, params: Any, batches: Iterator[dict[str, np.ndarray]], mesh: Any,
@@ -65,9 +62,25 @@ def codebook_usage(task: DVAETask, params: Any, batches: Iterator[dict[str, np.n
     return codebook_stats(counts), grid
 
 
+def reconstruction_evaluator(trainer: Trainer, task: DVAETask, batches: Callable[[], Iterator[dict]],
+                             grid_path: Path, num_images: int) -> Evaluator:
+    """Eval MSE and PSNR (the task's `eval_metrics`), code perplexity and dead codes; writes the grid of
+    originals over reconstructions to `grid_path`."""
+    reconstruction = trainer.metrics_evaluator(batches)
+
+    def evaluate(params: Any, model_state: Any) -> dict[str, float]:
+        usage, grid = codebook_usage(task, params, batches(), trainer.mesh, num_images)
+        if jax.process_index() == 0:
+            save_image_grid(grid, grid_path, ncols=len(grid) // 2)
+        return {**reconstruction(params, model_state), **usage}
+
+    return evaluate
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains a dVAE as `config` (experiments/configs/dvae.py) says, resuming from the last
-    checkpoint in `workdir`; then, when `config.eval_data` is set, evaluates it.
+    checkpoint in `workdir`; when `config.eval_data` is set, evaluates it every
+    `trainer.eval_every` steps and at the end.
 
     Writes under `workdir`: checkpoints, `metrics.jsonl` (+ TensorBoard), `loss.png` and
     `curves.png`, `reconstructions.png` (eval originals over their reconstructions) and
@@ -78,36 +91,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     # Sources first: a bad data path fails in seconds, before the train state is built.
     source = source_from_config(config.data)
     eval_source = source_from_config(config.eval_data) if config.get("eval_data") is not None else None
+    mesh = sh.make_mesh(config.trainer.mesh)
     task = make_task(config)
-    trainer = Trainer(task, config.trainer, config.optim, workdir)
+    trainer = Trainer(task, config.trainer, config.optim, workdir, mesh=mesh)
     sizes = dict(global_batch_size=trainer.cfg.global_batch_size, image_size=config.image_size)
     data = image_batches(source, config.data, seed=trainer.cfg.seed, **sizes)
-    eval_batches = None
+    evaluators = {}
     if eval_source is not None:
         def eval_batches():
             return image_batches(eval_source, config.eval_data, seed=0, train=False, num_epochs=1, **sizes)
 
-    result = trainer.fit(data, eval_batches=eval_batches)
+        evaluators["eval"] = reconstruction_evaluator(trainer, task, eval_batches, workdir / "reconstructions.png",
+                                                      config.num_grid_images)
+    result = trainer.fit(data, evaluators)
     summary = trainer.summary(result, data)
-    if eval_batches is not None and not result.preempted:
-        done = result.eval_history and result.eval_history[-1]["step"] == result.step
-        if done:
-            recon = {k: v for k, v in result.eval_history[-1].items() if k != "step"}
-        else:  # nothing trained in this call (already finished, or total_steps=0)
-            with sh.use_mesh(trainer.mesh):
-                recon = trainer.evaluate(eval_batches())
-        params = task.eval_params(result.state.params, result.state.model_state)
-        usage, grid = codebook_usage(task, params, eval_batches(), trainer.mesh, config.num_grid_images)
-        summary["eval"] = {**recon, **usage}
-        log.info("eval at step %d: %s", result.step, summary["eval"])
-        if jax.process_index() == 0:
-            save_image_grid(grid, workdir / "reconstructions.png", ncols=len(grid) // 2)
     data.close()
     trainer.close()
     if jax.process_index() == 0:
         if result.history:
             curves = ["loss", "nll_per_dim", "kl_per_image", "temperature"]
-            curves += ["eval/psnr"] if result.eval_history else []
+            curves += ["eval/psnr"] if evaluators else []
             plot_curves(workdir / "metrics.jsonl", curves, workdir / "curves.png")
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary

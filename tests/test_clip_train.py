@@ -13,6 +13,7 @@ import pytest
 from flax import linen as nn
 
 from clip_jax.train import CLIPTask
+from common import sharding
 from common.data import shapes, writers
 from common.trainer import Trainer, TrainerConfig
 from experiments.configs.clip_vit_b32 import get_config
@@ -28,11 +29,10 @@ OPTIM = {"learning_rate": 1e-3, "warmup_steps": 1, "total_steps": 5, "weight_dec
 
 
 def _curve(tmp_path, mesh, loss="softmax", devices=None):
-    cfg = model_config(TINY_MODEL)
-    task = CLIPTask(cfg, loss=loss)
-    tcfg = TrainerConfig(total_steps=5, global_batch_size=16, mesh=mesh, log_every=1, checkpoint_every=5, progress=False)
-    trainer = Trainer(task, tcfg, OPTIM, tmp_path, devices=devices)
-    task.mesh = trainer.mesh
+    mesh = sharding.make_mesh(mesh, devices)
+    task = CLIPTask(model_config(TINY_MODEL), loss=loss, mesh=mesh)
+    tcfg = TrainerConfig(total_steps=5, global_batch_size=16, log_every=1, checkpoint_every=5, progress=False)
+    trainer = Trainer(task, tcfg, OPTIM, tmp_path, mesh=mesh)
     data = make_pipeline(SHAPES_DATA, global_batch_size=16, image_size=16, context_length=16, seed=0)
     res = trainer.fit(data)
     trainer.close()
@@ -99,11 +99,10 @@ TINY_RN = ml_collections.ConfigDict(dict(
 
 
 def _rn_run(tmp_path, mesh, devices=None):
-    cfg = model_config(TINY_RN)
-    task = CLIPTask(cfg)
-    tcfg = TrainerConfig(total_steps=3, global_batch_size=16, mesh=mesh, log_every=1, checkpoint_every=3, progress=False)
-    trainer = Trainer(task, tcfg, OPTIM, tmp_path, devices=devices)
-    task.mesh = trainer.mesh
+    mesh = sharding.make_mesh(mesh, devices)
+    task = CLIPTask(model_config(TINY_RN), mesh=mesh)
+    tcfg = TrainerConfig(total_steps=3, global_batch_size=16, log_every=1, checkpoint_every=3, progress=False)
+    trainer = Trainer(task, tcfg, OPTIM, tmp_path, mesh=mesh)
     data = make_pipeline(ml_collections.ConfigDict(dict(source="shapes", split="train", num_examples=256, render_size=32)),
                          global_batch_size=16, image_size=32, context_length=16, seed=0)
     before = jax.device_get(trainer.state.model_state)

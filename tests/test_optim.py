@@ -1,4 +1,4 @@
-"""Optimizer: schedule values, decay mask, decay/clipping behaviour, gradient accumulation."""
+"""Optimizer: schedule values, decay mask, decay/clipping behaviour, gradient accumulation (MultiSteps)."""
 
 import dataclasses
 import math
@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from common.optim import OptimConfig, accumulate_gradients, decay_mask, make_optimizer, make_schedule
+from common.config import dataclass_from
+from common.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
 
 
 def _clip_like_params():
@@ -65,11 +66,11 @@ def test_schedule_matches_closed_form():
 
 def test_config_from_configdict_and_errors():
     cd = ml_collections.ConfigDict({"learning_rate": 1e-3, "warmup_steps": 10, "total_steps": 20, "accum_steps": 2})
-    cfg = OptimConfig.from_any(cd)
+    cfg = dataclass_from(OptimConfig, cd)
     assert cfg == OptimConfig(learning_rate=1e-3, warmup_steps=10, total_steps=20, accum_steps=2)
     assert isinstance(make_optimizer(cd), optax.MultiSteps)
-    with pytest.raises(ValueError, match=r"unknown optimizer config fields \['learning_rat'\]"):
-        OptimConfig.from_any({"learning_rat": 1e-3})
+    with pytest.raises(ValueError, match=r"unknown OptimConfig fields \['learning_rat'\]"):
+        dataclass_from(OptimConfig, {"learning_rat": 1e-3})
     with pytest.raises(ValueError, match="warmup_steps <= total_steps"):
         OptimConfig(warmup_steps=10, total_steps=5)
 
@@ -127,44 +128,6 @@ def test_clipping_bounds_the_update():
             assert float(optax.tree.norm(updates)) < clip
         else:
             assert float(optax.tree.norm(updates)) > 4 * clip
-
-
-def _loss(params, batch):
-    hidden = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])  # (b, H)
-    pred = hidden @ params["w2"]  # (b, 1)
-    return jnp.mean((pred[:, 0] - batch["y"]) ** 2)
-
-
-def test_accumulation_equals_full_batch_gradient():
-    keys = jax.random.split(jax.random.key(0), 4)
-    params = {"w1": jax.random.normal(keys[0], (5, 16)), "b1": jnp.zeros(16), "w2": jax.random.normal(keys[1], (16, 1))}
-    batch = {"x": jax.random.normal(keys[2], (24, 5)), "y": jax.random.normal(keys[3], (24,))}
-    loss, grads = jax.jit(jax.value_and_grad(_loss))(params, batch)
-    for k in (1, 3, 8):
-        acc_loss, acc_grads = jax.jit(accumulate_gradients, static_argnums=(0, 3))(_loss, params, batch, k)
-        np.testing.assert_allclose(acc_loss, loss, rtol=1e-6)
-        for name in params:
-            np.testing.assert_allclose(acc_grads[name], grads[name], rtol=1e-5, atol=1e-6, err_msg=f"k={k} {name}")
-    with pytest.raises(ValueError, match="divisible by num_micro_batches=5"):
-        accumulate_gradients(_loss, params, batch, 5)
-
-
-def test_accumulation_rng_and_aux():
-    params = {"w": jnp.ones(3)}
-    batch = {"x": jnp.arange(12.0).reshape(4, 3)}
-
-    def loss_fn(p, micro, rng):
-        noise = jax.random.uniform(rng)
-        return jnp.mean(micro["x"] @ p["w"]) * noise, noise
-
-    rng = jax.random.key(1)
-    (loss, noise), _ = accumulate_gradients(loss_fn, params, batch, 2, rng=rng, has_aux=True)
-    noises = [jax.random.uniform(jax.random.fold_in(rng, i)) for i in range(2)]
-    assert noises[0] != noises[1]
-    np.testing.assert_allclose(noise, np.mean(noises), rtol=1e-6)
-    # Micro-batch i holds rows i::2.
-    expected = np.mean([np.mean(batch["x"][i::2] @ params["w"]) * noises[i] for i in range(2)])
-    np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
 def test_multisteps_updates_every_k_steps():

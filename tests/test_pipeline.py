@@ -353,13 +353,14 @@ class _MeanColourTask:
 def test_trainer_resumes_the_pipeline_from_its_checkpoint(n_devices, tmp_path):
     import jax
 
+    from common import sharding
     from common.trainer import Trainer
 
     def fit(workdir, steps):
         data = pipeline.shapes_pipeline("train", 64, 16, 16, read_options=READ)
         trainer = Trainer(_MeanColourTask(), {"total_steps": steps, "global_batch_size": 16, "checkpoint_every": 2,
                                               "progress": False, "async_checkpoints": False},
-                          {"learning_rate": 0.1}, workdir)
+                          {"learning_rate": 0.1}, workdir, mesh=sharding.make_mesh("data_parallel"))
         result = trainer.fit(data)
         trainer.close()
         return np.asarray(jax.device_get(result.state.params["w"])), data.get_state()

@@ -19,20 +19,30 @@ OPTIM = {"learning_rate": 1e-2, "warmup_steps": 2, "total_steps": 40, "weight_de
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _trainer(tmp_path, steps=20, mesh="data_parallel", task=None, **kw):
-    cfg = TrainerConfig(total_steps=steps, global_batch_size=16, mesh=mesh, log_every=5,
+def _trainer(tmp_path, steps=20, mesh="data_parallel", optim=OPTIM, devices=None, **kw):
+    cfg = TrainerConfig(total_steps=steps, global_batch_size=16, mesh=mesh, log_every=kw.pop("log_every", 5),
                         checkpoint_every=kw.pop("checkpoint_every", 10), progress=False, **kw)
-    return Trainer(task or RegressionTask(), cfg, OPTIM, tmp_path)
+    return Trainer(RegressionTask(), cfg, optim, tmp_path, mesh=sharding.make_mesh(mesh, devices))
 
 
 def test_trainer_learns_and_logs(tmp_path):
-    trainer = _trainer(tmp_path, steps=40)
-    result = trainer.fit(RegressionData(16), eval_batches=lambda: iter([next(RegressionData(16, seed=9))]))
+    trainer = _trainer(tmp_path, steps=40, eval_every=20)
+    held_out = trainer.metrics_evaluator(lambda: iter([next(RegressionData(16, seed=9))]))
+    seen = []
+
+    def count_calls(params, model_state):
+        seen.append(int(trainer.state.step))
+        return {"calls": len(seen)}
+
+    result = trainer.fit(RegressionData(16), evaluators={"eval": held_out, "probe": count_calls})
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert result.eval_history and result.eval_history[-1]["mse"] < losses[0]
+    assert result.evaluations["eval"]["mse"] < losses[0] and result.evaluations["eval"]["step"] == 40
+    assert seen == [20, 40]  # every eval_every steps and at the end
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [(l["step"], l["probe/calls"]) for l in lines if "probe/calls" in l] == [(20, 1.0), (40, 2.0)]
+    assert trainer.summary(result)["eval"] == result.evaluations["eval"]
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert trainer.checkpoints.all_steps() == [20, 30, 40]
     trainer.close()
@@ -55,8 +65,7 @@ def test_state_is_sharded_and_donated(tmp_path):
 
 def test_presets_follow_the_same_loss_curve(tmp_path):
     def curve(name, mesh, devices=None):
-        cfg = TrainerConfig(total_steps=5, global_batch_size=16, mesh=mesh, log_every=1, checkpoint_every=5, progress=False)
-        trainer = Trainer(RegressionTask(), cfg, OPTIM, tmp_path / name, devices=devices)
+        trainer = _trainer(tmp_path / name, steps=5, mesh=mesh, devices=devices, log_every=1, checkpoint_every=5)
         res = trainer.fit(RegressionData(16))
         trainer.close()
         return [h["loss"] for h in res.history] + [float(np.abs(np.asarray(res.state.params["fc1"]["kernel"])).sum())]
@@ -67,23 +76,52 @@ def test_presets_follow_the_same_loss_curve(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped(tmp_path):
-    trainer = _trainer(tmp_path, steps=10, task=RegressionTask(nan_steps=(3, 4)))
-    res = trainer.fit(RegressionData(16))
+    trainer = _trainer(tmp_path, steps=10)
+    res = trainer.fit(RegressionData(16, nan_steps=(3, 4)))
     assert res.nonfinite_total == 2
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainer.state.params))
     trainer.close()
 
 
 def test_nonfinite_streak_stops_with_good_checkpoint(tmp_path):
-    task = RegressionTask(nan_steps=tuple(range(10, 40)))
-    trainer = _trainer(tmp_path, steps=40, task=task, max_nonfinite_streak=5, checkpoint_every=5)
+    trainer = _trainer(tmp_path, steps=40, max_nonfinite_streak=5, checkpoint_every=5)
     with pytest.raises(NonFiniteError, match="last checkpoint \\(step 10\\)"):
-        trainer.fit(RegressionData(16))
+        trainer.fit(RegressionData(16, nan_steps=tuple(range(10, 40))))
     trainer.close()
     restored = _trainer(tmp_path, steps=10)
     assert restored.restore_if_any(RegressionData(16)) == 10
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.params))
     restored.close()
+
+
+class _UpdateProbe(RegressionTask):
+    """Reports the update count its loss was given."""
+
+    def loss(self, params, model_state, batch, rng, update):
+        loss, metrics, new_state = super().loss(params, model_state, batch, rng, update)
+        return loss, dict(metrics, update=update), new_state
+
+
+def test_accumulation_counts_updates_and_averages_once_per_update(tmp_path):
+    """accum_steps=2: the loss sees the update count (0, 0, 1, 1, 2, 2), and the parameter average
+    moves once per applied update, by ema_decay, towards the parameters after that update."""
+    decay = 0.5
+    cfg = TrainerConfig(total_steps=6, global_batch_size=16, ema_decay=decay, progress=False)
+    trainer = Trainer(_UpdateProbe(), cfg, {**OPTIM, "accum_steps": 2}, tmp_path, mesh=sharding.make_mesh("fsdp"))
+    data = RegressionData(16)
+    kernel = lambda tree: np.asarray(tree["fc1"]["kernel"])  # noqa: E731
+    expected, updates = kernel(trainer.state.params), []
+    with sharding.use_mesh(trainer.mesh):
+        for step in range(6):
+            batch = sharding.shard_batch(next(data), trainer.mesh)
+            trainer.state, metrics = trainer.compiled_train_step(batch)(trainer.state, batch)
+            updates.append(int(metrics["update"]))
+            if step % 2 == 1:  # an update was applied
+                expected = decay * expected + (1 - decay) * kernel(trainer.state.params)
+            np.testing.assert_allclose(kernel(trainer.state.ema_params), expected, rtol=1e-6, err_msg=f"step {step}")
+    assert updates == [0, 0, 1, 1, 2, 2] and int(trainer.state.update) == 3
+    assert trainer.eval_params is trainer.state.ema_params
+    trainer.close()
 
 
 def _run_script(workdir, steps, kill_at=None, sigterm_at=None):

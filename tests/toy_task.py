@@ -22,21 +22,19 @@ class MLP(nn.Module):
 
 
 class RegressionTask:
-    """y = sin(x . w*) with noise; `nan_steps` injects a NaN loss at those steps."""
+    """y = sin(x . w*) with noise."""
 
-    def __init__(self, dim: int = 8, nan_steps: tuple[int, ...] = ()):
+    def __init__(self, dim: int = 8):
         self.dim = dim
         self.model = MLP()
-        self.nan_steps = jnp.asarray(nan_steps or (-1,), jnp.int32)
 
     def init(self, rng):
         return self.model.init(rng, jnp.zeros((1, self.dim)))
 
-    def loss(self, params, model_state, batch, rng, step):
+    def loss(self, params, model_state, batch, rng, update):
         pred = self.model.apply({"params": params}, batch["x"])
         noise = 0.01 * jax.random.normal(rng, pred.shape)  # uses the step rng: resume must reproduce it
         loss = jnp.mean((pred + noise - batch["y"]) ** 2)
-        loss = jnp.where(jnp.any(self.nan_steps == step), jnp.nan, loss)
         return loss, {"mse": loss}, None
 
     def eval_metrics(self, params, model_state, batch):
@@ -45,10 +43,11 @@ class RegressionTask:
 
 
 class RegressionData:
-    """Deterministic batches; the position is the whole state."""
+    """Deterministic batches; the position is the whole state. Batches at `nan_steps` hold NaN targets."""
 
-    def __init__(self, batch_size: int, dim: int = 8, seed: int = 0, process_index: int = 0, process_count: int = 1):
-        self.batch_size, self.dim, self.seed = batch_size, dim, seed
+    def __init__(self, batch_size: int, dim: int = 8, seed: int = 0, process_index: int = 0, process_count: int = 1,
+                 nan_steps: tuple[int, ...] = ()):
+        self.batch_size, self.dim, self.seed, self.nan_steps = batch_size, dim, seed, nan_steps
         self.process_index, self.process_count = process_index, process_count
         self.position = 0
         self.w = np.random.default_rng(1234).normal(size=dim).astype(np.float32)
@@ -60,6 +59,8 @@ class RegressionData:
         rng = np.random.default_rng([self.seed, self.position])
         x = rng.normal(size=(self.batch_size, self.dim)).astype(np.float32)
         y = np.sin(x @ self.w).astype(np.float32)
+        if self.position in self.nan_steps:
+            y[:] = np.nan
         self.position += 1
         # Each process keeps only its slice of the global batch.
         rows = self.batch_size // self.process_count

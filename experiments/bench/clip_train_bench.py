@@ -48,11 +48,11 @@ def _batch(cfg, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def time_ours(config, cfg, batch, preset: str, steps: int, warmup: int, devices) -> float:
     """Examples/s of the trainer's compiled step, host batch placement included."""
-    task = CLIPTask(cfg)
-    tcfg = TrainerConfig(total_steps=steps, global_batch_size=len(batch["image"]), mesh=preset, progress=False)
+    mesh = sharding.make_mesh(preset, devices)
+    task = CLIPTask(cfg, mesh=mesh)
+    tcfg = TrainerConfig(total_steps=steps, global_batch_size=len(batch["image"]), progress=False)
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(task, tcfg, dict(config.optim), workdir, devices=devices)
-        task.mesh = trainer.mesh
+        trainer = Trainer(task, tcfg, dict(config.optim), workdir, mesh=mesh)
         step = trainer.compiled_train_step(sharding.shard_batch(batch, trainer.mesh))
         state = trainer.state
         with sharding.use_mesh(trainer.mesh):

@@ -22,7 +22,6 @@ def get_config(arg: str = "openai") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "dvae"  # experiments/run.py dispatches on this
     c.image_size = 256  # square training and eval images; a multiple of 2 ** (group_count - 1)
-    c.ema_decay = 0.999  # parameter averaging; evaluation uses the average (0 disables)
     c.num_grid_images = 8  # originals and reconstructions in reconstructions.png
 
     c.model = ml_collections.ConfigDict()  # dalle_jax.dvae.DVAEConfig, plus the compute dtype
@@ -54,6 +53,7 @@ def get_config(arg: str = "openai") -> ml_collections.ConfigDict:
     c.trainer.checkpoint_every = 5_000  # train state + data position
     c.trainer.keep_checkpoints = 3  # newest checkpoints kept
     c.trainer.async_checkpoints = True  # write checkpoints while training goes on
+    c.trainer.ema_decay = 0.999  # parameter average per update (appendix A.2); evaluation uses it (0: none)
     c.trainer.max_nonfinite_streak = 20  # consecutive skipped non-finite steps before the run stops
     c.trainer.progress = True  # progress bar on process 0
 
@@ -84,10 +84,10 @@ def get_config(arg: str = "openai") -> ml_collections.ConfigDict:
         # 32x32 images -> 8x8 codes. A lighter KL than the paper's 6.6: over a few hundred steps the
         # full weight holds reconstructions back (about +3 dB instead of +8 dB PSNR in 200 steps).
         c.image_size = 32
-        c.ema_decay = 0.0
         c.model.update(group_count=3, n_hid=32, n_blk_per_group=1, vocab_size=128, n_init=16)
         c.loss.update(kl_weight=1.0, kl_warmup_steps=50, temperature_steps=200, temperature_end=0.25)
-        c.trainer.update(global_batch_size=16, total_steps=300, log_every=25, eval_every=100, checkpoint_every=100)
+        c.trainer.update(global_batch_size=16, total_steps=300, log_every=25, eval_every=100, checkpoint_every=100,
+                         ema_decay=0.0)
         c.optim.update(learning_rate=3e-3, warmup_steps=10, total_steps=300, end_lr_ratio=0.1)
         # Shapes rendered at the training size, whole images (no crop), as in evaluation.
         c.data = ml_collections.ConfigDict(dict(source="shapes", split="train", num_examples=2048, render_size=32,

@@ -57,7 +57,7 @@ class HostData(RegressionData):
 def train(name: str, preset: str, steps: int, workdir: str, out: str) -> None:
     cfg = TrainerConfig(total_steps=steps, global_batch_size=GLOBAL_BATCH, mesh=preset, log_every=1,
                         checkpoint_every=2, keep_checkpoints=2, progress=False)
-    trainer = Trainer(RegressionTask(), cfg, OPTIM, os.path.join(workdir, name))
+    trainer = Trainer(RegressionTask(), cfg, OPTIM, os.path.join(workdir, name), mesh=sharding.make_mesh(preset))
     data = HostData(GLOBAL_BATCH, process_index=jax.process_index(), process_count=jax.process_count())
     result = trainer.fit(data)
     trainer.close()

@@ -9,6 +9,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import sharding  # noqa: E402
 from common.trainer import Trainer, TrainerConfig  # noqa: E402
 from tests.toy_task import RegressionData, RegressionTask  # noqa: E402
 
@@ -31,7 +32,7 @@ def main():
     args = p.parse_args()
     cfg = TrainerConfig(total_steps=args.steps, global_batch_size=16, mesh="fsdp", log_every=5, checkpoint_every=5, progress=False)
     optim = {"learning_rate": 1e-2, "warmup_steps": 2, "total_steps": args.steps, "weight_decay": 1e-4}
-    trainer = Trainer(RegressionTask(), cfg, optim, args.workdir)
+    trainer = Trainer(RegressionTask(), cfg, optim, args.workdir, mesh=sharding.make_mesh(cfg.mesh))
     data = (SlowData if args.slow else RegressionData)(16)
     result = trainer.fit(data)
     trainer.close()
