@@ -64,8 +64,9 @@ class CLIPBundle:
         images = jnp.asarray(images)
         s = self.image_size
         if images.ndim != 4 or images.shape[1:] != (s, s, 3):
-            raise ValueError(f"encode_image expects preprocessed NHWC images of shape (B, {s}, {s}, 3); "
-                             f"found {tuple(images.shape)}. Use .preprocess(pil_image) on each image first.")
+            raise ValueError(f"encode_image expects NHWC images of shape (B, {s}, {s}, 3), uint8 pixels or "
+                             f"preprocessed floats; found {tuple(images.shape)}. Use .preprocess(pil_image) on each "
+                             "image first, or common.data.transforms.CenterCrop.")
         return images
 
     def _checked_tokens(self, token_ids: Any) -> jax.Array:
@@ -82,7 +83,8 @@ class CLIPBundle:
         return jnp.asarray(token_ids)
 
     def encode_image(self, images: Any) -> jax.Array:
-        """images: (B, S, S, 3) float, already preprocessed (see `preprocess`) -> (B, embed_dim)."""
+        """images: (B, S, S, 3) uint8 RGB (normalised on the device) or float, already preprocessed
+        (see `preprocess`) -> (B, embed_dim)."""
         return self._encode_image(self.variables, self._checked_images(images))
 
     def encode_text(self, token_ids: Any) -> jax.Array:

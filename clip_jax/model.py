@@ -16,6 +16,7 @@ from clip_jax.resnet import ModifiedResNet
 from clip_jax.text import TextTransformer
 from clip_jax.variants import CLIPConfig
 from clip_jax.vit import VisionTransformer
+from common.images import CLIP_MEAN, CLIP_STD
 from common.layers import Dtype, partitioned
 
 MAX_LOGIT_SCALE = 100.0  # OpenAI clips the learned temperature so that exp(logit_scale) <= 100 (section 2.5)
@@ -52,7 +53,13 @@ class CLIP(nn.Module):
         )
 
     def encode_image(self, images: jax.Array) -> jax.Array:
-        """images (B, H, W, 3) float, NHWC -> (B, embed_dim) unnormalised features in `dtype`."""
+        """images (B, H, W, 3) NHWC -> (B, embed_dim) unnormalised features in `dtype`.
+
+        uint8 images are RGB pixels, normalised here (on the device) as `common.images.normalize_rgb`
+        does; float images are taken as already normalised (`common.images.clip_preprocess`).
+        """
+        if images.dtype == jnp.uint8:
+            images = (images.astype(jnp.float32) / 255.0 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
         return self.visual(images)
 
     def encode_text(self, texts: jax.Array) -> jax.Array:

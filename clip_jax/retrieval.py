@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -36,13 +34,12 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from clip_jax import eval_data
+import clip_jax
 from clip_jax.model import normalize
-from clip_jax.zeroshot import embed_texts, encode_image_batch
+from clip_jax.zeroshot import embed_texts, encode_image_batch, image_batches
+from common.data.sources import ListSource
 from common.metrics import configure_logging
-from common.sharding import check_batch_divisible, make_mesh, replicated
-
-log = logging.getLogger(__name__)
+from common.sharding import check_batch_divisible, initialize_distributed, make_mesh, replicated
 
 
 def retrieval_metrics(image_features: Any, text_features: Any, text_to_image: Any,
@@ -139,30 +136,26 @@ def read_captions(path: str, images_root: str | None = None) -> CaptionSet:
 
 
 def embed_images(bundle: Any, paths: Sequence[str], *, batch_size: int = 256, mesh: Mesh | None = None,
-                 num_threads: int = 16, skip_log: eval_data.SkipLog | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 num_threads: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised features (N, D) float32 of the image files, and a bool (N,) mask of decodable ones.
 
-    Each host decodes a contiguous shard of `paths`; every host gets all features.
-    Rows of corrupt images are zero and False in the mask.
+    Each host reads a contiguous shard of `paths` (`zeroshot.image_batches`); every host gets all
+    features. Rows of corrupt images are zero and False in the mask.
     """
     mesh = mesh or make_mesh("data_parallel")
     check_batch_divisible(batch_size, mesh)
-    host_batch = batch_size // jax.process_count()
-    source = eval_data.EvalSource("images", "all", (), len(paths), "image files", lambda start, stop: (
-        eval_data.Record(paths[i], 0, i) for i in range(start, stop)))
-    num_batches = math.ceil(math.ceil(len(paths) / jax.process_count()) / host_batch)
-    stream = eval_data.batches(source.records(jax.process_index(), jax.process_count()), bundle.preprocess,
-                               batch_size=host_batch, image_size=bundle.image_size, num_batches=num_batches,
-                               num_threads=num_threads, skip_log=skip_log)
-    gather = jax.jit(lambda f, index, status: (normalize(f), index, status), out_shardings=replicated(mesh))
+    source = ListSource([{"image": path} for path in paths], name="images")
+    batches = image_batches(source, bundle.image_size, fields=("index",), global_batch_size=batch_size,
+                            num_threads=num_threads)
+    gather = jax.jit(lambda f, index, valid: (normalize(f), index, valid), out_shardings=replicated(mesh))
     features, decoded = None, np.zeros(len(paths), bool)
-    for batch in tqdm(stream, total=num_batches, desc="images", unit="batch", disable=jax.process_index() != 0):
+    for batch in tqdm(batches, total=batches.num_batches, desc="images", unit="batch",
+                      disable=jax.process_index() != 0):
         encoded, placed = encode_image_batch(bundle, batch, mesh)
-        rows, index, status = map(np.asarray, gather(encoded, placed["index"], placed["status"]))
+        rows, index, valid = map(np.asarray, gather(encoded, placed["index"], placed["valid"]))
         if features is None:
             features = np.zeros((len(paths), rows.shape[1]), np.float32)
-        ok = status == eval_data.STATUS_OK
-        features[index[ok]], decoded[index[ok]] = rows[ok], True
+        features[index[valid]], decoded[index[valid]] = rows[valid], True
     return features, decoded
 
 
@@ -184,19 +177,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
     configure_logging()
-    from common.sharding import initialize_distributed
     initialize_distributed()
-    import clip_jax
-
     started = time.time()
     data = read_captions(args.captions, args.images_root)
     bundle = clip_jax.load(args.weights or args.model)
     mesh = make_mesh("data_parallel")
-    skip_log = eval_data.SkipLog()
     image_features, decoded = embed_images(bundle, data.image_paths, batch_size=args.batch_size, mesh=mesh,
-                                           num_threads=args.num_threads, skip_log=skip_log)
-    for reason in skip_log.reasons:
-        log.warning("skipped %s", reason)
+                                           num_threads=args.num_threads)
     # Corrupt images leave the evaluation together with their captions.
     kept_captions = decoded[data.text_to_image]
     new_index = np.cumsum(decoded) - 1

@@ -16,13 +16,29 @@ from flax import linen as nn
 from clip_jax import losses
 from clip_jax.model import CLIP, dummy_inputs
 from clip_jax.variants import CLIPConfig
+from common.data.transforms import CenterCrop, Compose, DecodeImage, RandomResizedCrop, Select, Tokenize
 
 # SigLIP's initial temperature and bias (Zhai et al. 2023, section 3.2).
 SIGLIP_INIT_SCALE, SIGLIP_INIT_BIAS = math.log(10.0), -10.0
 
 
+def clip_transform(image_size: int, context_length: int, *, train: bool, crop_scale: tuple[float, float] = (0.9, 1.0),
+                   tokenizer: Any = "clip") -> Compose:
+    """Records -> {"image": uint8 (S, S, 3), "text": int32 (context_length,)}, CLIPTask's batches.
+
+    Training: open_clip's RandomResizedCrop of `crop_scale` of the image area, one caption drawn
+    per epoch; evaluation: OpenAI CLIP's resize and center crop, the first caption. `tokenizer` is
+    "clip" or any tokenizer `common.data.transforms.Tokenize` takes.
+    """
+    crop = RandomResizedCrop(image_size, scale=tuple(crop_scale)) if train else CenterCrop(image_size)
+    return Compose((Tokenize(tokenizer, context_length, random_caption=train), DecodeImage(), crop,
+                    Select("image", "text")))
+
+
 class CLIPTask:
-    """Contrastive image-text training of a `CLIP` module.
+    """Contrastive image-text training of a `CLIP` module on batches from `clip_transform`.
+
+    Images come as uint8 pixels and are normalised on the device (`CLIP.encode_image`).
 
     ModifiedResNet towers train their BatchNorm as OpenAI did: batch statistics
     (over the global batch: synchronised across devices) in the loss, running

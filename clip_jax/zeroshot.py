@@ -7,14 +7,16 @@ normalised embeddings are averaged over templates and the mean is normalised
 again; those unit vectors, one per class, are the columns of a linear
 classifier over L2-normalised image features.
 
-Works with any "CLIP bundle": an object with `encode_image(images NHWC float32)
--> (B, D)`, `encode_text(token_ids int32 (B, 77)) -> (B, D)` (unnormalised),
-`preprocess(pil) -> (H, W, 3) float32`, `tokenize(list[str]) -> int32 (B, 77)`
-and `image_size`, e.g. the one `clip_jax.load` returns.
+Works with any "CLIP bundle": an object with `encode_image(images NHWC uint8)
+-> (B, D)` (normalising the pixels itself), `encode_text(token_ids int32 (B, 77))
+-> (B, D)` (unnormalised), `tokenize(list[str]) -> int32 (B, 77)` and
+`image_size`, e.g. the one `clip_jax.load` returns.
 
-Image batches are split over every device of a data-parallel mesh (each host
-passes only the rows it read); the counts are reduced on the devices, so a
-multi-host run reports global numbers.
+Images are read by the one grain pipeline (`image_batches`: one pass, padded
+last batch with a `valid` mask, every host the same number of batches) and
+split over every device of a data-parallel mesh (each host passes only the
+rows it read); the counts are reduced on the devices, so a multi-host run
+reports global numbers and counts every image exactly once.
 
 Ties: a label counts as within the top k when fewer than k *other* classes
 score at least as high as it (ties and NaN scores count against the model), so
@@ -32,17 +34,23 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+import clip_jax
 from clip_jax import eval_data
 from clip_jax.model import normalize
+from common.data.pipeline import RecordIterator, make_pipeline
+from common.data.sources import DatasetNotFoundError
+from common.data.transforms import CenterCrop, DecodeImage, Select
 from common.metrics import configure_logging
-from common.sharding import (batch_axis_size, batch_sharding, check_batch_divisible, make_mesh,
-                             replicated, shard_batch)
+from common.sharding import (batch_axis_size, batch_sharding, check_batch_divisible, initialize_distributed,
+                             make_mesh, replicated, shard_batch)
 
 log = logging.getLogger(__name__)
 
@@ -147,59 +155,76 @@ def accuracy(logits: Any, labels: Any, topk: Sequence[int] = (1, 5)) -> dict[str
     return {f"top{k}": float(c) for k, c in zip(topk, correct)}
 
 
-def _batch_counts(features: jax.Array, weights: jax.Array, labels: jax.Array, status: jax.Array,
+def image_batches(source: Any, image_size: int, *, fields: Sequence[str] = ("label",), transforms: Sequence[Any] = (),
+                  global_batch_size: int, num_threads: int = 16) -> RecordIterator:
+    """One padded pass over `source` with CLIP's evaluation preprocessing, this host's shard.
+
+    Batches are {"image": uint8 (B, S, S, 3) (resized and center-cropped as OpenAI CLIP does),
+    <fields>, "valid": bool (B,)}; `transforms` run first (e.g. a label mapping). Corrupt images
+    are skipped and counted in `stats()`.
+    """
+    steps = [*transforms, DecodeImage(), CenterCrop(image_size), Select("image", *fields)]
+    return make_pipeline(source, steps, global_batch_size=global_batch_size, train=False, num_epochs=1,
+                         pad_last_batch=True, read_options=grain.ReadOptions(
+                             num_threads=num_threads, prefetch_buffer_size=max(128, 2 * global_batch_size)))
+
+
+def skipped_over_hosts(batches: Any) -> int:
+    """Records the pipeline `batches` skipped, summed over all hosts (0 for plain batch lists)."""
+    if not hasattr(batches, "stats"):
+        return 0
+    return int(np.sum(multihost_utils.process_allgather(np.int64(batches.stats()["skipped_total"]))))
+
+
+def _batch_counts(features: jax.Array, weights: jax.Array, labels: jax.Array, valid: jax.Array,
                   ks: tuple[int, ...]) -> jax.Array:
-    """int32 [valid rows, corrupt rows, correct@k for k in ks] of one global batch."""
+    """int32 [valid rows, correct@k for k in ks] of one global batch."""
     logits = normalize(features) @ weights  # (B, C)
-    valid = status == eval_data.STATUS_OK
     correct = _correct_at_k(logits, labels, ks) & valid[:, None]
-    return jnp.concatenate([jnp.stack([valid.sum(), (status == eval_data.STATUS_CORRUPT).sum()]),
-                            correct.sum(axis=0)]).astype(jnp.int32)
+    return jnp.concatenate([valid.sum()[None], correct.sum(axis=0)]).astype(jnp.int32)
 
 
 def encode_image_batch(bundle: Any, batch: Mapping[str, np.ndarray], mesh: Mesh) -> tuple[jax.Array, dict]:
     """Pads this host's batch to split over the mesh, places it, encodes it.
 
-    Returns (features (B_global, D) sharded over the batch axes, the placed batch
-    with "label", "status" and "index" where present). Padded rows get status
-    STATUS_PADDING.
+    Returns (features (B_global, D) sharded over the batch axes, the placed batch with "valid"
+    and "label" and "index" where present). Rows without "valid" count as valid; padded rows do not.
     """
     rows = len(batch["image"])
     padded_rows = math.ceil(rows / _host_multiple(mesh)) * _host_multiple(mesh)
-    status = batch.get("status", np.full((rows,), eval_data.STATUS_OK, np.int8))
-    host = {"image": _pad_rows(np.asarray(batch["image"], np.float32), padded_rows),
-            "status": _pad_rows(np.asarray(status, np.int8), padded_rows, eval_data.STATUS_PADDING)}
+    host = {"image": _pad_rows(batch["image"], padded_rows),
+            "valid": _pad_rows(batch.get("valid", np.ones(rows, bool)), padded_rows, False)}
     for key in ("label", "index"):
         if key in batch:
-            host[key] = _pad_rows(np.asarray(batch[key], np.int32), padded_rows, -1 if key == "index" else 0)
+            host[key] = _pad_rows(np.asarray(batch[key], np.int32), padded_rows)
     placed = shard_batch(host, mesh)
     return bundle.encode_image(placed.pop("image")), placed
 
 
 def evaluate(bundle: Any, batches: Iterable[Mapping[str, np.ndarray]], weights: Any, *,
-             topk: Sequence[int] = (1, 5), mesh: Mesh | None = None, total: int | None = None) -> dict[str, Any]:
+             topk: Sequence[int] = (1, 5), mesh: Mesh | None = None) -> dict[str, Any]:
     """Zero-shot top-k accuracy of `weights` (D, C) over streamed image batches.
 
-    Each batch is this host's rows: {"image": (B, H, W, 3) preprocessed, "label":
-    (B,)} and optionally "status" (B,) as `eval_data.batches` makes it (rows that
-    are not STATUS_OK are left out of the counts; STATUS_CORRUPT rows are
-    counted as skipped). Rows are padded to split over all devices.
+    Each batch is this host's rows: {"image": (B, H, W, 3) uint8 pixels (or preprocessed
+    floats), "label": (B,), "valid": bool (B,)}, as `image_batches` makes them; rows that are
+    not valid are left out. Rows are padded to split over all devices.
 
-    Returns {"top1": fraction, "top5": ..., "n": images scored, "correct":
-    {"top1": count, ...}, "skipped": corrupt images}.
+    Returns {"top1": fraction, "top5": ..., "n": images scored, "correct": {"top1": count, ...},
+    "skipped": records the pipeline skipped (corrupt images), over all hosts}.
     """
     mesh = mesh or make_mesh("data_parallel")
     ks = tuple(int(k) for k in topk)
     weights = jax.device_put(jnp.asarray(weights, jnp.float32), replicated(mesh))
     count = jax.jit(functools.partial(_batch_counts, ks=ks), out_shardings=replicated(mesh))
-    totals = np.zeros(2 + len(ks), np.int64)
-    for batch in tqdm(batches, total=total, desc="zero-shot", unit="batch", disable=jax.process_index() != 0):
+    totals = np.zeros(1 + len(ks), np.int64)
+    for batch in tqdm(batches, total=getattr(batches, "num_batches", None), desc="zero-shot", unit="batch",
+                      disable=jax.process_index() != 0):
         features, placed = encode_image_batch(bundle, batch, mesh)
-        totals += np.asarray(count(features, weights, placed["label"], placed["status"]))
-    n, skipped = int(totals[0]), int(totals[1])
-    correct = {f"top{k}": int(c) for k, c in zip(ks, totals[2:])}
+        totals += np.asarray(count(features, weights, placed["label"], placed["valid"]))
+    n = int(totals[0])
+    correct = {f"top{k}": int(c) for k, c in zip(ks, totals[1:])}
     fractions = {name: (c / n if n else float("nan")) for name, c in correct.items()}
-    return {**fractions, "n": n, "correct": correct, "skipped": skipped}
+    return {**fractions, "n": n, "correct": correct, "skipped": skipped_over_hosts(batches)}
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -214,8 +239,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tfds-name", help="tfds name with config/version, e.g. imagenet_v2/topimages")
     parser.add_argument("--split", help="split (default: the dataset's evaluation split)")
     parser.add_argument("--image-folder", help="read images from DIR/<class>/... instead of tfds")
-    parser.add_argument("--reader", default="auto", choices=["auto", "data_source", "tf"],
-                        help="tfds reader: data_source (ArrayRecord, no TensorFlow) or tf (TFRecord)")
     parser.add_argument("--batch-size", type=int, default=256, help="global batch size (all hosts)")
     parser.add_argument("--templates", default="all", choices=["all", "single"],
                         help="80 ensembled prompts, or 'a photo of a {}.'")
@@ -227,46 +250,35 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
     configure_logging()
-    from common.sharding import initialize_distributed
     initialize_distributed()
-    import clip_jax
-
     started = time.time()
     try:
         if args.dataset == "folder":
             if not args.image_folder:
                 raise SystemExit("--dataset folder needs --image-folder DIR.")
-            source = eval_data.image_folder_source(args.image_folder, split=args.split or "folder")
+            eval_set = eval_data.image_folder_source(args.image_folder, split=args.split or "folder")
         else:
-            source = eval_data.open_source(args.tfds_name or args.dataset, split=args.split,
-                                           data_dir=args.data_dir, image_folder=args.image_folder,
-                                           reader=args.reader)
-    except eval_data.DatasetNotFoundError as err:
+            eval_set = eval_data.open_source(args.tfds_name or args.dataset, split=args.split,
+                                             data_dir=args.data_dir, image_folder=args.image_folder)
+    except DatasetNotFoundError as err:
         raise SystemExit(str(err)) from err
     bundle = clip_jax.load(args.weights or args.model)
     mesh = make_mesh("data_parallel")
     check_batch_divisible(args.batch_size, mesh)
-    host_batch = args.batch_size // jax.process_count()
     templates = load_templates(args.templates)
-    log.info("%s: %d images, %d classes, %d templates", source.description, source.num_examples,
-             len(source.classnames), len(templates))
-    weights = zero_shot_weights(bundle, source.classnames, templates, batch_size=args.batch_size, mesh=mesh)
-
-    shard = (jax.process_index(), jax.process_count())
-    num_batches = math.ceil(math.ceil(source.num_examples / shard[1]) / host_batch)
-    skip_log = eval_data.SkipLog()
-    stream = eval_data.batches(source.records(*shard), bundle.preprocess, batch_size=host_batch,
-                               image_size=bundle.image_size, num_batches=num_batches,
-                               num_threads=args.num_threads, skip_log=skip_log)
-    metrics = evaluate(bundle, stream, weights, mesh=mesh, total=num_batches)
-    for reason in skip_log.reasons:
-        log.warning("skipped %s", reason)
-    results = {"model": args.model if not args.weights else f"inferred from {args.weights}", "weights": args.weights, "dataset": source.name, "split": source.split,
-               "source": source.description, "templates": args.templates, "num_templates": len(templates),
-               "num_classes": len(source.classnames), "top1": metrics["top1"], "top5": metrics["top5"],
-               "n": metrics["n"], "correct": metrics["correct"], "skipped": metrics["skipped"], "time": round(time.time() - started, 2)}
+    log.info("%s: %d images, %d classes, %d templates", eval_set.description, len(eval_set.source),
+             len(eval_set.classnames), len(templates))
+    weights = zero_shot_weights(bundle, eval_set.classnames, templates, batch_size=args.batch_size, mesh=mesh)
+    batches = image_batches(eval_set.source, bundle.image_size, transforms=eval_set.transforms,
+                            global_batch_size=args.batch_size, num_threads=args.num_threads)
+    metrics = evaluate(bundle, batches, weights, mesh=mesh)
+    results = {"model": args.model if not args.weights else f"inferred from {args.weights}", "weights": args.weights,
+               "dataset": eval_set.name, "split": eval_set.split, "source": eval_set.description,
+               "templates": args.templates, "num_templates": len(templates), "num_classes": len(eval_set.classnames),
+               **{k: metrics[k] for k in ("top1", "top5", "n", "correct", "skipped")},
+               "time": round(time.time() - started, 2)}
     if jax.process_index() == 0:
-        print(f"{source.name} {source.split}: top-1 {100 * results['top1']:.2f}%  "
+        print(f"{eval_set.name} {eval_set.split}: top-1 {100 * results['top1']:.2f}%  "
               f"top-5 {100 * results['top5']:.2f}%  ({results['n']} images, {results['skipped']} skipped)")
         print(json.dumps(results, indent=2))
         if args.out:

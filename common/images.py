@@ -196,6 +196,11 @@ def normalize_rgb(rgb: np.ndarray, mean: Sequence[float] = CLIP_MEAN,
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def clip_center_crop(img: Image.Image, size: int = CLIP_IMAGE_SIZE) -> Image.Image:
+    """OpenAI CLIP's `Resize(size, BICUBIC)` + `CenterCrop(size)` on a PIL image, in the image's own mode."""
+    return center_crop(resize_shorter_side(img, size), size)
+
+
 def clip_preprocess(img: Image.Image, size: int = CLIP_IMAGE_SIZE) -> np.ndarray:
     """OpenAI CLIP's image transform on a PIL image; returns float32 (size, size, 3).
 
@@ -205,35 +210,9 @@ def clip_preprocess(img: Image.Image, size: int = CLIP_IMAGE_SIZE) -> np.ndarray
     """
     if not isinstance(img, Image.Image):
         raise TypeError(f"Expected a PIL.Image.Image, found {type(img).__name__}; "
-                        "use clip_preprocess_array for numpy arrays.")
-    img = center_crop(resize_shorter_side(img, size), size)
-    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)  # (size, size, 3)
+                        "use PIL.Image.fromarray for a uint8 array.")
+    rgb = np.asarray(clip_center_crop(img, size).convert("RGB"), dtype=np.uint8)  # (size, size, 3)
     return normalize_rgb(rgb)
-
-
-def clip_preprocess_array(array: np.ndarray, size: int = CLIP_IMAGE_SIZE) -> np.ndarray:
-    """`clip_preprocess` for a decoded uint8 image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4).
-
-    One channel is treated as "L", three as "RGB", four as "RGBA", i.e. what
-    `PIL.Image.fromarray` would produce; returns float32 (size, size, 3).
-    """
-    array = np.asarray(array)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
-            array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
-        raise ValueError("Expected a uint8 image of shape (H, W) or (H, W, C) with C in {1, 3, 4}, "
-                         f"found {array.dtype} {array.shape}.")
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return clip_preprocess(Image.fromarray(array), size)
-
-
-def clip_preprocess_batch(images: Sequence[Image.Image | np.ndarray],
-                          size: int = CLIP_IMAGE_SIZE) -> np.ndarray:
-    """Preprocesses PIL images and/or uint8 arrays; returns float32 (N, size, size, 3)."""
-    if len(images) == 0:
-        raise ValueError("Expected at least one image, found an empty sequence.")
-    return np.stack([clip_preprocess(im, size) if isinstance(im, Image.Image)
-                     else clip_preprocess_array(im, size) for im in images])
 
 
 # --------------------------------------------------------------------------

@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common.data.pipeline import AugmentConfig, make_image_text_pipeline
-from common.images import CLIP_MEAN, CLIP_STD
+from common.data.transforms import CenterCrop, Compose, DalleAugment, DecodeImage, Select
 from dalle_jax.dvae import DVAE, logit_laplace_nll, map_pixels, stats_to_pixels
 
 Schedule = Literal["cosine", "linear", "exponential"]
@@ -167,52 +166,15 @@ def codebook_stats(code_counts: np.ndarray) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------
-# Data: the grain image-text pipeline, images only
+# Data
 # --------------------------------------------------------------------------
 
 
-def _no_text(text: str, context_length: int) -> tuple[np.ndarray, bool]:
-    """The pipeline's tokenizer slot: the dVAE reads no text (module level, so worker processes can pickle it)."""
-    return np.zeros(context_length, np.int32), False
+def dvae_transform(image_size: int, *, train: bool) -> Compose:
+    """Records -> {"image": uint8 (S, S, 3)}; captions and labels are neither needed nor read.
 
-
-def clip_normalized_to_uint8(x: np.ndarray) -> np.ndarray:
-    """Inverse of `common.images.normalize_rgb`: float32 (..., 3) -> the exact uint8 pixels."""
-    rgb = (x * np.asarray(CLIP_STD, np.float32) + np.asarray(CLIP_MEAN, np.float32)) * 255.0
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)  # float32 error << 0.5: rounding recovers each value
-
-
-class ImageBatches:
-    """An `ImageTextIterator` as {"image": uint8 (b, S, S, 3)} batches; its state and stats pass through."""
-
-    def __init__(self, pipeline: Any):
-        self._pipeline = pipeline
-
-    def __iter__(self) -> ImageBatches:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return {"image": clip_normalized_to_uint8(next(self._pipeline)["image"])}
-
-    def get_state(self) -> dict[str, Any]:
-        return self._pipeline.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._pipeline.set_state(state)
-
-    def stats(self) -> dict[str, Any]:
-        return self._pipeline.stats()
-
-    def close(self) -> None:
-        self._pipeline.close()
-
-
-def image_batches(source: Any, data_cfg: Any, *, global_batch_size: int, image_size: int, seed: int,
-                  train: bool = True, num_epochs: int | None = None) -> ImageBatches:
-    """Host-local uint8 batches of `source`; training takes square random crops of `data_cfg.crop_scale`
-    of the image area (None: the whole image, resized and centre-cropped as in evaluation)."""
-    scale = data_cfg.get("crop_scale")
-    augment = AugmentConfig(scale=tuple(scale), ratio=(1.0, 1.0)) if scale is not None else None  # train only
-    return ImageBatches(make_image_text_pipeline(
-        source, global_batch_size=global_batch_size, image_size=image_size, tokenizer=_no_text, context_length=2,
-        train=train, seed=seed, num_epochs=num_epochs, worker_count=data_cfg.get("workers", 0), augment=augment))
+    Training: the paper's augmentation (appendix A, Listing 1: a random crop of the shorter
+    side, resized, randomly cropped to S and flipped); evaluation: resize and center crop.
+    """
+    crop = DalleAugment(image_size) if train else CenterCrop(image_size)
+    return Compose((DecodeImage(), crop, Select("image")))

@@ -54,7 +54,7 @@ def stage_data(workdir: Path, n_train: int, image_size: int) -> tuple[dict, list
     first = [train[i] for i in range(16)]
     save_image_grid(np.stack([e["image"] for e in first]), workdir / "samples.png",
                     labels=[e["caption"] for e in first], ncols=4)
-    captions = [record.caption for record in TarShardSource(shard_paths)]  # read back from the shards
+    captions = [record["caption"] for record in TarShardSource(shard_paths)]  # read back from the shards
     return {
         "train_examples": len(captions),
         "heldout_combinations": sorted(f"{c} {s}" for c, s in shapes.heldout_combinations(cfg)),

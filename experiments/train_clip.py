@@ -20,11 +20,10 @@ import numpy as np
 
 from clip_jax import retrieval, zeroshot
 from clip_jax.api import CLIPBundle
-from clip_jax.train import CLIPTask
+from clip_jax.train import CLIPTask, clip_transform
 from clip_jax.variants import CLIPConfig, decode_variant
 from common import sharding
 from common.data import pipeline, shapes, sources
-from common.images import normalize_rgb
 from common.trainer import Evaluator, Trainer
 
 # Prompts for the shapes data's two label kinds; none of them is a training caption's wording.
@@ -57,7 +56,7 @@ def shapes_zero_shot(bundle: CLIPBundle, dataset, *, batch_size: int, mesh) -> d
     this works on parameters sharded over the devices of every host.
     """
     items = [dataset[i] for i in range(len(dataset))]
-    images = np.stack([normalize_rgb(it["image"]) for it in items])  # (N, S, S, 3) CLIP-normalised
+    images = np.stack([it["image"] for it in items])  # (N, S, S, 3) uint8, normalised on the devices
     # Each image is encoded once; both classifiers and retrieval score the same features.
     image_features = zeroshot.embed_rows(bundle.encode_image, images, batch_size=batch_size, mesh=mesh,
                                          desc="images")  # (N, E) unit rows
@@ -86,11 +85,11 @@ def shapes_evaluator(task: CLIPTask, split: str, zcfg: Any, mesh: jax.sharding.M
 
 def make_pipeline(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
                   train: bool = True, num_epochs: int | None = None):
-    augment = pipeline.AugmentConfig(scale=tuple(data_cfg.get("crop_scale", (0.9, 1.0))))
-    return pipeline.make_image_text_pipeline(
-        sources.source_from_config(data_cfg), global_batch_size=global_batch_size, image_size=image_size,
-        context_length=context_length, train=train, seed=seed, num_epochs=num_epochs,
-        worker_count=data_cfg.get("workers", 0), augment=augment)
+    transform = clip_transform(image_size, context_length, train=train,
+                               crop_scale=data_cfg.get("crop_scale", (0.9, 1.0)))
+    return pipeline.make_pipeline(sources.source_from_config(data_cfg), transform,
+                                  global_batch_size=global_batch_size, train=train, seed=seed, num_epochs=num_epochs,
+                                  worker_count=data_cfg.get("workers", 0))
 
 
 def run(config: Any, workdir: str | Path) -> dict[str, Any]:

@@ -19,12 +19,13 @@ from jax.experimental import multihost_utils
 
 from common import sharding as sh
 from common.config import dataclass_from
+from common.data.pipeline import make_pipeline
 from common.data.sources import source_from_config
 from common.images import save_image_grid
 from common.metrics import plot_curves
 from common.trainer import Evaluator, Trainer
 from dalle_jax.dvae import DVAE, DVAEConfig
-from dalle_jax.dvae_train import DVAETask, LossConfig, codebook_stats, image_batches
+from dalle_jax.dvae_train import DVAETask, LossConfig, codebook_stats, dvae_transform
 
 
 def make_task(config: ml_collections.ConfigDict) -> DVAETask:
@@ -94,12 +95,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     mesh = sh.make_mesh(config.trainer.mesh)
     task = make_task(config)
     trainer = Trainer(task, config.trainer, config.optim, workdir, mesh=mesh)
-    sizes = dict(global_batch_size=trainer.cfg.global_batch_size, image_size=config.image_size)
-    data = image_batches(source, config.data, seed=trainer.cfg.seed, **sizes)
+    batch_size = trainer.cfg.global_batch_size
+    data = make_pipeline(source, dvae_transform(config.image_size, train=True), global_batch_size=batch_size,
+                         train=True, seed=trainer.cfg.seed, worker_count=config.data.get("workers", 0))
     evaluators = {}
     if eval_source is not None:
         def eval_batches():
-            return image_batches(eval_source, config.eval_data, seed=0, train=False, num_epochs=1, **sizes)
+            return make_pipeline(eval_source, dvae_transform(config.image_size, train=False),
+                                 global_batch_size=batch_size, train=False, num_epochs=1,
+                                 worker_count=config.eval_data.get("workers", 0))
 
         evaluators["eval"] = reconstruction_evaluator(trainer, task, eval_batches, workdir / "reconstructions.png",
                                                       config.num_grid_images)

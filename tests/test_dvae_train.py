@@ -16,6 +16,7 @@ from flax import linen as nn
 from jax.experimental.compilation_cache import compilation_cache
 
 from common import sharding
+from common.data.pipeline import make_pipeline
 from common.data.sources import source_from_config
 from common.data.shapes import ShapesConfig, ShapesDataset
 from common.trainer import Trainer
@@ -25,7 +26,7 @@ from dalle_jax.dvae_train import (
     LossConfig,
     codebook_stats,
     dvae_loss,
-    image_batches,
+    dvae_transform,
     kl_to_uniform,
     kl_weight_schedule,
     temperature_schedule,
@@ -142,10 +143,10 @@ def test_task_schedules_follow_the_update_count():
 
 
 def test_batches_hold_the_exact_source_pixels():
-    """The grain pipeline hands out CLIP-normalised floats; the dVAE must see the original uint8 pixels."""
+    """The dVAE sees the source's uint8 pixels, with no caption needed."""
     config = get_config("smoke")
-    batches = image_batches(source_from_config(config.eval_data), config.eval_data, global_batch_size=16,
-                            image_size=config.image_size, seed=0, train=False, num_epochs=1)
+    batches = make_pipeline(source_from_config(config.eval_data), dvae_transform(config.image_size, train=False),
+                            global_batch_size=16, train=False, num_epochs=1)
     dataset = ShapesDataset("validation", 64, ShapesConfig(image_size=config.image_size))
     for start in (0, 16):
         images = next(batches)["image"]

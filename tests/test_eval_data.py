@@ -1,4 +1,5 @@
-"""Evaluation data: tfds through ArrayRecord (no TensorFlow) and TFRecord (TensorFlow), image folders.
+"""Evaluation data: tfds through ArrayRecord (no TensorFlow) and TFRecord (TensorFlow), image folders,
+read through the one grain pipeline in evaluation mode.
 
 Tiny tfds datasets are built here, in both file formats; every image is a
 solid colour encoding a code (tests/helpers/fake_clip.py), so what is read can
@@ -10,7 +11,8 @@ import io
 import numpy as np
 import pytest
 
-from clip_jax import eval_data
+from clip_jax import eval_data, zeroshot
+from common.data.sources import DatasetNotFoundError
 from tests.helpers.fake_clip import CODE_STEP, code_image
 from tests.helpers.without_tensorflow import run_without_tensorflow
 
@@ -69,12 +71,13 @@ def _spec(name, classes):
     return eval_data.DatasetSpec(name, "test", classes, "made by the test")
 
 
-def _read(source):
-    """([(code, label)] in record order, records skipped)."""
-    log = eval_data.SkipLog()
-    pairs = [(round(np.asarray(image)[0, 0, 0] / CODE_STEP), label)
-             for image, label in eval_data.examples(source.records(), skip_log=log)]
-    return pairs, log.count
+def _read(eval_set, batch_size=4, transforms=None):
+    """([(code, label)] in record order, records skipped), through the evaluation pipeline."""
+    batches = zeroshot.image_batches(eval_set.source, 4, global_batch_size=batch_size, num_threads=2,
+                                     transforms=eval_set.transforms if transforms is None else transforms)
+    pairs = [(round(int(image[0, 0, 0]) / CODE_STEP), int(label)) for b in batches
+             for image, label, valid in zip(b["image"], b["label"], b["valid"]) if valid]
+    return pairs, batches.stats()["skipped_total"]
 
 
 def _expected(records, label_map):
@@ -82,21 +85,18 @@ def _expected(records, label_map):
 
 
 def test_tfrecord_through_tensorflow(data_dirs):
-    source = eval_data.tfds_source("wnid_tiny", split="test", data_dir=data_dirs["tfrecord"],
-                                   spec=_spec("wnid_tiny", "imagenet"))
-    assert "tfrecord, tf" in source.description and source.num_examples == 6
-    assert len(source.classnames) == 1000 and source.classnames[6] == "stingray"
-    pairs, skipped = _read(source)
+    eval_set = eval_data.tfds_source("wnid_tiny", split="test", data_dir=data_dirs["tfrecord"],
+                                     spec=_spec("wnid_tiny", "imagenet"))
+    assert "(tfrecord)" in eval_set.description and len(eval_set.source) == 6 and eval_set.source.sequential
+    assert len(eval_set.classnames) == 1000 and eval_set.classnames[6] == "stingray"
+    pairs, skipped = _read(eval_set)
     assert sorted(pairs) == _expected(WNID_RECORDS, {2: 6, 0: 11}) and skipped == 1
-    # Contiguous shards, and a sliced split, read the same records in the same order.
-    assert [r.index for r in source.records(1, 2)] == [3, 4, 5]
-    shards = [(r.index, r.data) for s in range(2) for r in source.records(s, 2)]
-    assert shards == [(r.index, r.data) for r in source.records()]
+    # A sliced split reads the same records in the same order, in both formats.
+    full = [eval_set.source[i]["image"] for i in range(6)]
     for file_format in ("tfrecord", "array_record"):
         sliced = eval_data.tfds_source("wnid_tiny", split="test[2:]", data_dir=data_dirs[file_format],
-                                       spec=_spec("wnid_tiny", "imagenet"))
-        assert sliced.num_examples == 4
-        assert [r.data for r in sliced.records(1, 2)] == [r.data for r in source.records()][4:]
+                                       spec=_spec("wnid_tiny", "imagenet")).source
+        assert len(sliced) == 4 and [sliced[i]["image"] for i in (2, 3)] == full[4:]
 
 
 def test_array_record_and_tfrecord_agree(data_dirs):
@@ -106,7 +106,7 @@ def test_array_record_and_tfrecord_agree(data_dirs):
         records = WNID_RECORDS if classes != "tfds" else NAMED_RECORDS
         read = {fmt: eval_data.tfds_source(name, split="test", data_dir=data_dirs[fmt], spec=_spec(name, classes))
                 for fmt in ("array_record", "tfrecord")}
-        assert "array_record, data_source" in read["array_record"].description
+        assert "(array_record)" in read["array_record"].description
         (pairs_ar, skipped_ar), (pairs_tf, skipped_tf) = _read(read["array_record"]), _read(read["tfrecord"])
         assert pairs_ar == pairs_tf and sorted(pairs_ar) == _expected(records, label_map)
         assert skipped_ar == skipped_tf == 1
@@ -117,32 +117,35 @@ def test_array_record_and_tfrecord_agree(data_dirs):
 
 def test_array_record_reads_without_tensorflow(data_dirs):
     result = run_without_tensorflow(f"""
-        import numpy as np
-        from clip_jax import eval_data
+        from clip_jax import eval_data, zeroshot
         spec = eval_data.DatasetSpec("wnid_tiny", "test", "imagenet", "")
-        source = eval_data.tfds_source("wnid_tiny", split="test", data_dir={data_dirs['array_record']!r}, spec=spec)
-        log = eval_data.SkipLog()
-        pairs = [(round(int(np.asarray(im)[0, 0, 0]) / {CODE_STEP}), label)
-                 for im, label in eval_data.examples(source.records(), skip_log=log)]
+        eval_set = eval_data.tfds_source("wnid_tiny", split="test", data_dir={data_dirs['array_record']!r}, spec=spec)
+        batches = zeroshot.image_batches(eval_set.source, 4, transforms=eval_set.transforms, global_batch_size=4,
+                                         num_threads=2)
+        pairs = [(round(int(im[0, 0, 0]) / {CODE_STEP}), int(label)) for b in batches
+                 for im, label, valid in zip(b["image"], b["label"], b["valid"]) if valid]
         try:
             eval_data.tfds_source("wnid_tiny", split="test", data_dir={data_dirs['tfrecord']!r}, spec=spec)
             error = ""
         except ImportError as err:
             error = str(err)
-        result = {{"pairs": pairs, "skipped": log.count, "error": error}}
+        result = {{"pairs": pairs, "skipped": batches.stats()["skipped_total"], "error": error}}
     """)
     assert sorted(map(tuple, result["pairs"])) == _expected(WNID_RECORDS, {2: 6, 0: 11})
     assert result["skipped"] == 1 and result["tf"] is False
     assert "`tf` extra" in result["error"] and "--file_format array_record" in result["error"]
 
 
-def test_reader_and_split_errors(data_dirs):
+def test_split_errors_and_labels_outside_the_classes(data_dirs):
     spec = _spec("named_tiny", "tfds")
-    with pytest.raises(ValueError, match="--file_format array_record"):
-        eval_data.tfds_source("named_tiny", split="test", data_dir=data_dirs["tfrecord"], spec=spec,
-                              reader="data_source")
-    with pytest.raises(eval_data.DatasetNotFoundError, match=r"prepared splits: \['test'\]"):
+    with pytest.raises(DatasetNotFoundError, match=r"prepared splits: \['test'\]"):
         eval_data.tfds_source("named_tiny", split="validation", data_dir=data_dirs["array_record"], spec=spec)
+    # Label 1 of wnid_tiny is tench (n01440764), outside ImageNet-A's 200 classes: a wrong --dataset, not a
+    # bad record.
+    imagenet_a = eval_data.tfds_source("wnid_tiny", split="test", data_dir=data_dirs["array_record"],
+                                       spec=_spec("wnid_tiny", "imagenet_a"))
+    with pytest.raises(ValueError, match="label 1, outside its evaluation classes"):
+        imagenet_a.transforms[0]({"key": "tench", "label": 1}, None)
 
 
 def test_missing_dataset_says_what_to_do(tmp_path):
@@ -177,9 +180,9 @@ def test_image_folder_with_wnids(tmp_path):
     root = _folder(tmp_path, {"n01498041/a.png": 0, "n01498041/deeper/b.png": 1, "n01531178/c.jpg": 2,
                               "n01531178/d.png": None})
     (tmp_path / "n01531178" / "notes.txt").write_text("not an image")
-    source = eval_data.open_source("imagenet2012", image_folder=root)
-    assert source.num_examples == 4 and len(source.classnames) == 1000
-    pairs, skipped = _read(source)
+    eval_set = eval_data.open_source("imagenet2012", image_folder=root)
+    assert len(eval_set.source) == 4 and len(eval_set.classnames) == 1000
+    pairs, skipped = _read(eval_set)
     assert pairs == [(0, 6), (1, 6), (2, 11)] and skipped == 1
     subset = eval_data.open_source("imagenet_a", image_folder=root)
     assert _read(subset)[0] == [(0, 0), (1, 0), (2, 1)] and len(subset.classnames) == 200
@@ -196,18 +199,12 @@ def test_image_folder_with_plain_and_integer_names(tmp_path):
     assert sorted(_read(v2)[0]) == [(0, 9), (1, 10)] and len(v2.classnames) == 1000
 
 
-def test_batches_are_fixed_size_ordered_and_mark_corrupt_rows(tmp_path):
+def test_batches_are_fixed_size_ordered_padded_and_count_corrupt_records(tmp_path):
     root = _folder(tmp_path, {f"k/{i}.png": (None if i == 3 else i) for i in range(5)})
-    source = eval_data.image_folder_source(root)
-    log = eval_data.SkipLog()
-    preprocess = lambda im: np.asarray(im.convert("RGB").resize((4, 4)), np.float32)  # noqa: E731
-    out = list(eval_data.batches(source.records(), preprocess, batch_size=2, image_size=4, num_batches=4,
-                                 num_threads=2, skip_log=log))
-    assert len(out) == 4 and all(b["image"].shape == (2, 4, 4, 3) for b in out)
-    status = np.concatenate([b["status"] for b in out]).tolist()
-    assert status == [1, 1, 1, -1, 1, 0, 0, 0]
-    assert np.concatenate([b["index"] for b in out]).tolist() == [0, 1, 2, 3, 4, -1, -1, -1]
-    codes = [round(b["image"][r, 0, 0, 0] / CODE_STEP) for b in out for r in range(2)]
-    assert codes[:3] == [0, 1, 2] and codes[4] == 4 and log.count == 1 and "3.png" in log.reasons[0]
-    with pytest.raises(ValueError, match="at most 2 batches"):
-        list(eval_data.batches(source.records(), preprocess, batch_size=2, image_size=4, num_batches=2))
+    eval_set = eval_data.image_folder_source(root)
+    out = list(zeroshot.image_batches(eval_set.source, 4, fields=("index",), global_batch_size=2, num_threads=2))
+    assert len(out) == 3 and all(b["image"].shape == (2, 4, 4, 3) and b["image"].dtype == np.uint8 for b in out)
+    assert np.concatenate([b["valid"] for b in out]).tolist() == [True] * 4 + [False] * 2
+    assert np.concatenate([b["index"] for b in out]).tolist()[:4] == [0, 1, 2, 4]  # record order, 3 skipped
+    codes = [round(int(b["image"][r, 0, 0, 0]) / CODE_STEP) for b in out for r in range(2)]
+    assert codes[:4] == [0, 1, 2, 4] and codes[4:] == [0, 0]

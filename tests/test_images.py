@@ -15,11 +15,11 @@ from common.images import (
     ImageDecodeError,
     center_crop,
     clip_preprocess,
-    clip_preprocess_array,
-    clip_preprocess_batch,
     decode_image,
+    normalize_rgb,
     save_image_grid,
 )
+from common.data.transforms import CenterCrop, DecodeImage, SkipRecord
 
 # --------------------------------------------------------------------------
 # Reference: torchvision's PIL code path, transcribed.
@@ -209,20 +209,16 @@ def test_center_crop_pads_like_torchvision():
     assert np.asarray(cmyk)[0, 0].tolist() == [255, 255, 255]
 
 
-def test_preprocess_array_and_batch():
+def test_decoded_arrays_take_clips_path():
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
     gray = rng.integers(0, 256, (30, 20, 1), dtype=np.uint8)
-    np.testing.assert_array_equal(clip_preprocess_array(rgb, 32),
-                                  reference_clip_transform(Image.fromarray(rgb), 32))
-    np.testing.assert_array_equal(clip_preprocess_array(gray, 32),
+    to_pixels = lambda array: CenterCrop(32)(DecodeImage()({"image": array}, None), None)["image"]  # noqa: E731
+    np.testing.assert_array_equal(normalize_rgb(to_pixels(rgb)), reference_clip_transform(Image.fromarray(rgb), 32))
+    np.testing.assert_array_equal(normalize_rgb(to_pixels(gray)),
                                   reference_clip_transform(Image.fromarray(gray[..., 0]), 32))
-    batch = clip_preprocess_batch([rgb, Image.fromarray(gray[..., 0])], size=32)
-    assert batch.shape == (2, 32, 32, 3) and batch.dtype == np.float32
-    with pytest.raises(ValueError, match="uint8"):
-        clip_preprocess_array(rgb.astype(np.float32))
-    with pytest.raises(ValueError, match="C in"):
-        clip_preprocess_array(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(SkipRecord, match="corrupt_image"):
+        to_pixels(rgb.astype(np.float32))
     with pytest.raises(TypeError, match="PIL"):
         clip_preprocess(rgb)
 

@@ -1,8 +1,9 @@
-"""Image-text grain pipelines: sources, sharding, determinism, bad records, truncation, resume, transforms.
+"""The grain pipeline: sources, transforms, sharding, determinism, bad records, truncation, resume, evaluation.
 
 Data comes from the shapes dataset written to disk by `common/data/writers.py`
-(tar shards, an image folder) or built into a tiny tfds dataset, so what the
-pipeline reads can be compared with what was written. Images are 32 px.
+(tar shards, an image folder, array_record shards) or built into a tiny tfds
+dataset, so what the pipeline reads can be compared with what was written.
+Images are 32 px.
 """
 
 import io
@@ -18,8 +19,17 @@ from PIL import Image
 
 from common.data import pipeline, sources
 from common.data.shapes import ShapesConfig, ShapesDataset
-from common.data.writers import encode_image, write_image_folder, write_tar_shards
-from common.images import clip_preprocess, clip_preprocess_array, decode_image
+from common.data.transforms import (
+    CenterCrop,
+    DalleAugment,
+    DecodeImage,
+    RandomResizedCrop,
+    Select,
+    SentencePieceTextTokenizer,
+    Tokenize,
+)
+from common.data.writers import encode_image, write_array_records, write_image_folder, write_tar_shards
+from common.images import clip_center_crop, clip_preprocess, decode_image, normalize_rgb
 from common.tokenizers.clip_bpe import default_tokenizer
 from tests.helpers.without_tensorflow import run_without_tensorflow
 
@@ -47,10 +57,18 @@ def folder(shapes, tmp_path_factory):
     return root
 
 
-def _pipe(source, **kwargs):
-    kwargs = {"global_batch_size": 8, "image_size": SIZE, "shard_index": 0, "shard_count": 1,
-              "read_options": READ, "return_index": True, **kwargs}
-    return pipeline.make_image_text_pipeline(source, **kwargs)
+def _image_text(train=True, image_size=SIZE, context_length=77, tokenizer="clip", crop=None):
+    """CLIP's steps, keeping the source index for the checks."""
+    crop = crop or (RandomResizedCrop(image_size) if train else CenterCrop(image_size))
+    return [Tokenize(tokenizer, context_length, random_caption=train), DecodeImage(), crop,
+            Select("image", "text", "index")]
+
+
+def _pipe(source, transform=None, *, train=True, image_size=SIZE, context_length=77, tokenizer="clip", crop=None,
+          **kwargs):
+    kwargs = {"global_batch_size": 8, "shard_index": 0, "shard_count": 1, "read_options": READ, **kwargs}
+    transform = transform or _image_text(train, image_size, context_length, tokenizer, crop)
+    return pipeline.make_pipeline(source, transform, train=train, **kwargs)
 
 
 def _take(it, n):
@@ -58,8 +76,8 @@ def _take(it, n):
 
 
 def _pixels(record):
-    return np.asarray(decode_image(record.data).convert("RGB")) if not isinstance(record.data, np.ndarray) \
-        else record.data
+    data = record["image"]
+    return np.asarray(decode_image(data).convert("RGB")) if not isinstance(data, np.ndarray) else data
 
 
 # --------------------------------------------------------------------------
@@ -67,20 +85,27 @@ def _pixels(record):
 # --------------------------------------------------------------------------
 
 
-def test_sources_read_what_the_writers_wrote(shapes, tar_dir, folder):
+def test_sources_read_what_the_writers_wrote(shapes, tar_dir, folder, tmp_path):
+    write_array_records(({"image": shapes[i]["image"], "caption": shapes[i]["caption"],
+                          "codes": np.full((2, 2), i, np.int16)} for i in range(N)), tmp_path, records_per_shard=50)
     all_sources = {
         "tar": sources.TarShardSource(tar_dir),
         "folder_tsv": sources.ImageFolderSource(folder),
         "folder_jsonl": sources.ImageFolderSource(folder, captions_file=folder / "labels.jsonl", image_field="path"),
         "shapes": sources.ShapesSource(shapes),
+        "array_record": sources.ArrayRecordSource(tmp_path),
+        "list": sources.ListSource([{"image": shapes[i]["image"], "caption": shapes[i]["caption"]} for i in range(N)]),
     }
     for name, source in all_sources.items():
         assert len(source) == N, name
-        for i in (0, 49, 50, 77, N - 1):  # across tar shard boundaries
+        for i in (0, 49, 50, 77, N - 1):  # across tar and array_record shard boundaries
             record = source[i]
-            assert record.index == i and record.caption == shapes[i]["caption"], name
+            assert record["index"] == i and record["caption"] == shapes[i]["caption"], name
             np.testing.assert_array_equal(_pixels(record), shapes[i]["image"], err_msg=name)
-    assert len(all_sources["tar"].paths) == 3
+    assert len(all_sources["tar"].paths) == 3 and len(all_sources["array_record"].paths) == 3
+    codes = all_sources["array_record"][77]["codes"]
+    assert codes.dtype == np.int16 and codes.tolist() == [[77, 77], [77, 77]]
+    assert all_sources["shapes"][5]["color_id"] == shapes[5]["color_id"]
     with pytest.raises(IndexError):
         all_sources["tar"][N]
 
@@ -94,11 +119,11 @@ def test_tar_index_cache_is_reused_until_the_shard_changes(shapes, tmp_path):
     stamps = [os.stat(index_dir / c).st_mtime_ns for c in caches]
     again = sources.TarShardSource(tmp_path / "tars", index_dir=str(index_dir))
     assert [os.stat(index_dir / c).st_mtime_ns for c in caches] == stamps  # read, not rewritten
-    assert [again[i].caption for i in range(6)] == [first[i].caption for i in range(6)]
+    assert [again[i]["caption"] for i in range(6)] == [first[i]["caption"] for i in range(6)]
     # Rewriting a shard with other content invalidates its cached index.
     write_tar_shards([shapes[i] for i in range(10, 14)], tmp_path / "tars", examples_per_shard=4)
     changed = sources.TarShardSource(tmp_path / "tars", index_dir=str(index_dir))
-    assert len(changed) == 4 + 3 and changed[0].caption == shapes[10]["caption"]
+    assert len(changed) == 4 + 3 and changed[0]["caption"] == shapes[10]["caption"]
 
 
 def _add(tar, name, data):
@@ -135,7 +160,7 @@ def _bad_tar(path, shapes, good, long_captions=False):
             "missing_caption": sum(k % 9 == 4 for k in n), "empty_caption": sum(k % 7 == 2 for k in n)}
 
 
-def test_tfds_source_reads_captions_without_tensorflow(shapes, tmp_path):
+def test_tfds_source_array_record_without_tensorflow_tfrecord_for_evaluation(shapes, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     pytest.importorskip("tensorflow")  # tfds needs TensorFlow to *write* a dataset, not to read it
 
@@ -159,38 +184,44 @@ def test_tfds_source_reads_captions_without_tensorflow(shapes, tmp_path):
 
         TinyCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
         TinyCaptions(data_dir=str(tmp_path / "tfrecord")).download_and_prepare()  # tfds' default format
-    with pytest.raises(ValueError, match="prepared as tfrecord, which has no random access.*--file_format array_record"):
-        sources.TfdsSource("tiny_captions", split="train", data_dir=str(tmp_path / "tfrecord"))
     source = sources.TfdsSource("tiny_captions", split="train", data_dir=data_dir)
     # tfds stores examples in hashed-key order: compare (caption, pixels) as collections.
-    assert len(source) == 10
+    assert len(source) == 10 and not source.sequential
     written = sorted((shapes[i]["caption"], shapes[i]["image"].tobytes()) for i in range(10))
-    assert sorted((source[i].caption, _pixels(source[i]).tobytes()) for i in range(10)) == written
-    alt = sources.TfdsSource("tiny_captions", split="train[2:]", data_dir=data_dir, text_feature="alt")
-    alt_captions = {alt[i].caption for i in range(len(alt))}
+    assert sorted((source[i]["caption"], _pixels(source[i]).tobytes()) for i in range(10)) == written
+    alt = sources.TfdsSource("tiny_captions", split="train[2:]", data_dir=data_dir,
+                             fields={"image": "image", "caption": "alt"})
+    alt_captions = {alt[i]["caption"] for i in range(len(alt))}
     assert len(alt) == 8 and alt_captions < {(shapes[i]["caption"], f"alt {i}") for i in range(10)}
     with pytest.raises(ValueError, match="no feature 'text'"):
-        sources.TfdsSource("tiny_captions", split="train", data_dir=data_dir, text_feature="text")
+        sources.TfdsSource("tiny_captions", split="train", data_dir=data_dir, fields={"caption": "text"})
+
+    # TFRecord: the same records in the same order, read through TensorFlow; no shuffling for training.
+    tfrecord = sources.TfdsSource("tiny_captions", split="train[2:]", data_dir=str(tmp_path / "tfrecord"),
+                                  fields={"image": "image", "caption": "alt"})
+    assert tfrecord.sequential and [tfrecord[i] for i in (7, 0, 3)] == [alt[i] for i in (7, 0, 3)]
+    with pytest.raises(ValueError, match="no random access.*--file_format array_record"):
+        _pipe(tfrecord)
 
     class UnpreparedPipelineCaptions(TinyCaptions):  # registered, so tfds knows it without files
         pass
 
-    with pytest.raises(FileNotFoundError, match="tfds build unprepared_pipeline_captions --data_dir .* --file_format "
-                                                 "array_record"):
+    with pytest.raises(sources.DatasetNotFoundError,
+                       match="tfds build unprepared_pipeline_captions --data_dir .* --file_format array_record"):
         sources.TfdsSource("unprepared_pipeline_captions", split="train", data_dir=str(tmp_path / "empty"))
 
     # A fresh interpreter where TensorFlow cannot be imported, as without the `tf` extra.
     result = run_without_tensorflow(f"""
         import grain
-        from common.data import pipeline, sources
+        from common.data import pipeline, sources, transforms
         source = sources.TfdsSource("tiny_captions", split="train", data_dir={data_dir!r})
-        it = pipeline.make_image_text_pipeline(source, global_batch_size=5, image_size=16, train=False,
-            num_epochs=1, shard_index=0, shard_count=1, read_options=grain.ReadOptions(num_threads=2),
-            return_index=True)
+        it = pipeline.make_pipeline(source, [transforms.DecodeImage(), transforms.CenterCrop(16),
+            transforms.Select("index")], global_batch_size=5, train=False, num_epochs=1, shard_index=0,
+            shard_count=1, read_options=grain.ReadOptions(num_threads=2))
         indices = [next(it)["index"].tolist() for _ in range(2)]
-        result = {{"captions": [source[i].caption for i in range(10)], "indices": indices}}
+        result = {{"captions": [source[i]["caption"] for i in range(10)], "indices": indices}}
     """)
-    assert result["captions"] == [source[i].caption for i in range(10)]
+    assert result["captions"] == [source[i]["caption"] for i in range(10)]
     assert result["indices"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and result["tf"] is False
 
 
@@ -227,12 +258,13 @@ def test_same_seed_same_batches_other_seed_other_order(shapes):
             np.testing.assert_array_equal(x[key], y[key])
     other = _take(_pipe(source, seed=4), 4)
     assert [x["index"].tolist() for x in a] != [x["index"].tolist() for x in other]
-    assert a[0]["image"].dtype == np.float32 and a[0]["image"].shape == (8, SIZE, SIZE, 3)
+    assert set(a[0]) == {"image", "text", "index"}  # the fields the transform selected, nothing else
+    assert a[0]["image"].dtype == np.uint8 and a[0]["image"].shape == (8, SIZE, SIZE, 3)  # normalised on device
     assert a[0]["text"].dtype == np.int32 and a[0]["text"].shape == (8, 77)
 
 
 # --------------------------------------------------------------------------
-# Bad records, truncation
+# Bad records, missing fields, truncation
 # --------------------------------------------------------------------------
 
 
@@ -246,8 +278,9 @@ def test_bad_records_are_skipped_counted_and_logged_while_batches_stay_full(shap
         batches = list(it)
     assert len(batches) == 5 and all(b["image"].shape[0] == b["text"].shape[0] == 8 for b in batches)
     served = [source[i] for b in batches for i in b["index"]]
-    assert [r.caption for r in served] == [shapes[i]["caption"] for i in good]
+    assert [r["caption"] for r in served] == [shapes[i]["caption"] for i in good]
     assert it.stats()["skipped"] == expected and it.stats()["examples"] == 40
+    assert it.stats()["skipped_total"] == sum(expected.values())
     # Logging is rate-limited: at most the first 5 of each reason (8 records are corrupt).
     corrupt_lines = [r for r in caplog.records if "corrupt_image" in r.getMessage()]
     assert expected["corrupt_image"] == 8 and len(corrupt_lines) == 5
@@ -264,8 +297,22 @@ def test_bad_records_are_skipped_counted_and_logged_while_batches_stay_full(shap
     it = _pipe(sources.ImageFolderSource(root), train=False, num_epochs=1)
     indices = np.concatenate([b["index"] for b in it]).tolist()
     assert indices == [i for i in range(19) if i not in (3, 5, 9)][:16]
-    assert it.stats()["skipped"] == {"missing_image": 1, "corrupt_image": 0, "missing_caption": 1,
-                                     "empty_caption": 1}
+    assert it.stats()["skipped"] == {"missing_image": 1, "missing_caption": 1, "empty_caption": 1}
+
+
+def test_a_record_lacking_a_field_the_task_does_not_read_is_kept(shapes, tmp_path):
+    # A flat folder of images, no captions file: an image-only task (the dVAE) reads every one.
+    for i in range(12):
+        Image.fromarray(shapes[i]["image"]).save(tmp_path / f"{i:02d}.png")
+    source = sources.ImageFolderSource(tmp_path)
+    assert "caption" not in source[0] and "label" not in source[0] and source.classnames == ()
+    it = _pipe(source, [DecodeImage(), DalleAugment(16), Select("image", "index")], num_epochs=1)
+    batch = next(it)
+    assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
+    assert it.stats()["skipped_total"] == 0
+    # A task that does read captions skips every one of them, and says why.
+    with pytest.raises(RuntimeError, match="all skipped.*'missing_caption': 12"):
+        next(_pipe(source, num_epochs=1))
 
 
 def test_a_source_with_no_usable_record_fails_instead_of_spinning(shapes, tmp_path):
@@ -288,7 +335,44 @@ def test_over_long_captions_are_truncated_with_eot_last_and_counted(shapes, tmp_
             [tok.sot_token_id, *ids, tok.eot_token_id] + [0] * (75 - len(ids))
         assert row.tolist() == expected
     assert len(tok.encode(long_caption)) > 75 and batch["text"][0, -1] == tok.eot_token_id
-    assert it.stats()["truncated_captions"] == 2
+    assert it.stats()["counts"]["truncated_captions"] == 2
+
+
+# --------------------------------------------------------------------------
+# Evaluation: one pass, padded, every example once
+# --------------------------------------------------------------------------
+
+
+def test_evaluation_counts_every_example_once_and_hosts_yield_equal_batch_counts(shapes, tmp_path):
+    # 13 records, one of them (on host 0) corrupt; two hosts of 6 and 7 records; host batches of 4.
+    records = [{"image": encode_image(shapes[i]["image"]), "label": i} for i in range(13)]
+    records[4]["image"] = records[4]["image"][:40]
+    source = sources.ListSource(records)
+    transform = [DecodeImage(), CenterCrop(SIZE), Select("image", "label")]
+    per_host = []
+    for host in (0, 1):
+        it = _pipe(source, transform, train=False, num_epochs=1, pad_last_batch=True, global_batch_size=8,
+                   shard_index=host, shard_count=2)
+        batches = list(it)
+        assert len(batches) == 2  # ceil(7 / 4) on both hosts
+        assert all(b["image"].shape == (4, SIZE, SIZE, 3) and b["valid"].dtype == bool for b in batches)
+        per_host.append((np.concatenate([b["label"][b["valid"]] for b in batches]), it.stats()))
+    labels = np.concatenate([labels for labels, _ in per_host])
+    assert sorted(labels.tolist()) == [i for i in range(13) if i != 4]
+    assert [s["examples"] for _, s in per_host] == [5, 7] and per_host[0][1]["skipped"] == {"corrupt_image": 1}
+    # Padded rows are zeros, real rows the records' pixels.
+    last = batches[-1]
+    assert last["valid"].tolist() == [True, True, True, False] and not last["image"][3:].any()
+    np.testing.assert_array_equal(last["image"][0], shapes[int(last["label"][0])]["image"])
+    # A host whose records fit in fewer batches pads with whole invalid ones: host 0 has 5 good of 6.
+    it = _pipe(source, transform, train=False, num_epochs=1, pad_last_batch=True, global_batch_size=4,
+               shard_index=0, shard_count=2)
+    assert [int(b["valid"].sum()) for b in it] == [2, 2, 1, 0]  # ceil(7 / 2) batches
+    # Skips after the last good record are counted too.
+    it = _pipe(sources.ListSource(records[:5]), transform, train=False, num_epochs=1, pad_last_batch=True)
+    assert [int(b["valid"].sum()) for b in it] == [4] and it.stats()["skipped"] == {"corrupt_image": 1}
+    with pytest.raises(ValueError, match="num_epochs=1"):
+        _pipe(source, transform, train=False, pad_last_batch=True)
 
 
 # --------------------------------------------------------------------------
@@ -318,7 +402,7 @@ def test_resume_continues_bitwise_across_epochs_and_bad_records(shapes, tmp_path
     source = sources.TarShardSource(tmp_path / "bad.tar")
     # 30 good records and 8-example batches: the 12 batches cross three epoch boundaries.
     state = _resume_is_bitwise(lambda: _pipe(source, seed=5))
-    assert state["batches"] == 7 and sum(state["skipped"].values()) > 0 and state["truncated_captions"] > 0
+    assert state["batches"] == 7 and sum(state["skipped"].values()) > 0 and state["counts"]["truncated_captions"] > 0
     with pytest.raises(ValueError, match=r"'seed': \(5, 6\)"):
         _pipe(source, seed=6).set_state(state)
 
@@ -356,8 +440,10 @@ def test_trainer_resumes_the_pipeline_from_its_checkpoint(n_devices, tmp_path):
     from common import sharding
     from common.trainer import Trainer
 
+    source = sources.ShapesSource(ShapesDataset("train", 64, ShapesConfig(image_size=16)))
+
     def fit(workdir, steps):
-        data = pipeline.shapes_pipeline("train", 64, 16, 16, read_options=READ)
+        data = _pipe(source, _image_text(image_size=16)[:-1] + [Select("image", "text")], global_batch_size=16)
         trainer = Trainer(_MeanColourTask(), {"total_steps": steps, "global_batch_size": 16, "checkpoint_every": 2,
                                               "progress": False, "async_checkpoints": False},
                           {"learning_rate": 0.1}, workdir, mesh=sharding.make_mesh("data_parallel"))
@@ -378,7 +464,7 @@ def test_trainer_resumes_the_pipeline_from_its_checkpoint(n_devices, tmp_path):
 # --------------------------------------------------------------------------
 
 
-def test_eval_mode_equals_clip_preprocess(tmp_path, shapes):
+def test_center_crop_is_clip_preprocess_before_normalisation(tmp_path, shapes):
     rng = np.random.default_rng(0)
     images = {"wide.png": Image.fromarray(rng.integers(0, 256, (30, 47, 3), np.uint8)),
               "tall_rgba.png": Image.fromarray(rng.integers(0, 256, (51, 29, 4), np.uint8)),
@@ -390,13 +476,13 @@ def test_eval_mode_equals_clip_preprocess(tmp_path, shapes):
     (tmp_path / "captions.tsv").write_text("".join(f"{name}\tcaption {name}\n" for name in images))
     batch = next(_pipe(sources.ImageFolderSource(tmp_path), global_batch_size=5, image_size=24, train=False))
     for row, name in enumerate(images):
-        np.testing.assert_array_equal(batch["image"][row], clip_preprocess(decode_image(tmp_path / name), 24))
-    # The shapes convenience pipeline: eval for non-train splits, rendered at the output size.
+        np.testing.assert_array_equal(normalize_rgb(batch["image"][row]),
+                                      clip_preprocess(decode_image(tmp_path / name), 24))
+    # Shapes images given as arrays: CLIP's pixels too.
     val = ShapesDataset("validation", 16, ShapesConfig(image_size=SIZE))
-    batch = next(pipeline.shapes_pipeline("validation", 16, SIZE, 8, shard_index=0, shard_count=1,
-                                          read_options=READ))
-    np.testing.assert_array_equal(batch["image"], np.stack([clip_preprocess_array(val[i]["image"], SIZE)
-                                                            for i in range(8)]))
+    batch = next(_pipe(sources.ShapesSource(val), train=False))
+    np.testing.assert_array_equal(normalize_rgb(batch["image"]),
+                                  np.stack([clip_preprocess(Image.fromarray(val[i]["image"]), SIZE) for i in range(8)]))
 
 
 def test_augmentation_varies_by_epoch_and_is_reproducible(shapes):
@@ -417,30 +503,49 @@ def test_augmentation_varies_by_epoch_and_is_reproducible(shapes):
     changed = sum(not np.array_equal(a, b) for a, b in first.values())
     assert changed >= N * 0.9
     # Every augmented view differs from the centred evaluation view of the same record.
-    evaluated = {i: clip_preprocess_array(shapes[i]["image"], SIZE) for i in first}
+    evaluated = {i: np.asarray(clip_center_crop(Image.fromarray(shapes[i]["image"]), SIZE)) for i in first}
     assert sum(np.array_equal(first[i][0], evaluated[i]) for i in first) <= N * 0.1
     # A crop of the whole image (scale 1, ratio 1) is the evaluation transform of a square image.
-    whole = pipeline.AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    batch = next(_pipe(source, image_size=24, augment=whole))
-    np.testing.assert_array_equal(batch["image"], np.stack([clip_preprocess_array(shapes[i]["image"], 24)
+    batch = next(_pipe(source, image_size=24, crop=RandomResizedCrop(24, scale=(1.0, 1.0), ratio=(1.0, 1.0))))
+    np.testing.assert_array_equal(batch["image"], np.stack([clip_center_crop(Image.fromarray(shapes[i]["image"]), 24)
                                                             for i in batch["index"].tolist()]))
 
 
 def test_random_resized_crop_box_follows_scale_and_ratio():
-    cfg = pipeline.AugmentConfig(scale=(0.3, 0.6), ratio=(0.5, 2.0))
+    crop = RandomResizedCrop(16, scale=(0.3, 0.6), ratio=(0.5, 2.0))
     rng = np.random.default_rng(0)
     for _ in range(200):
-        top, left, h, w = pipeline.random_resized_crop_box(80, 60, cfg, rng)
+        top, left, h, w = crop.box(80, 60, rng)
         assert 0 <= top <= 60 - h and 0 <= left <= 80 - w
         assert 0.3 * 4800 * 0.9 <= h * w <= 0.6 * 4800 * 1.1 and 0.45 <= w / h <= 2.2
     # No sample fits a 100 x 8 strip at scale >= 0.9: torchvision's fallback, the central crop at ratio 4/3.
-    top, left, h, w = pipeline.random_resized_crop_box(100, 8, pipeline.AugmentConfig(), rng)
+    top, left, h, w = RandomResizedCrop(16).box(100, 8, rng)
     assert (top, h, w) == (0, 8, 11) and left == (100 - 11) // 2
     img = Image.fromarray(np.arange(80 * 60 * 3, dtype=np.uint8).reshape(60, 80, 3))
-    out = pipeline.random_resized_crop(img, 16, cfg, np.random.default_rng(7))
-    top, left, h, w = pipeline.random_resized_crop_box(80, 60, cfg, np.random.default_rng(7))
+    out = crop({"image": img}, np.random.default_rng(7))["image"]
+    top, left, h, w = crop.box(80, 60, np.random.default_rng(7))
     expected = img.crop((left, top, left + w, top + h)).resize((16, 16), Image.Resampling.BICUBIC)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+    np.testing.assert_array_equal(out, np.asarray(expected))
+
+
+def test_dalle_augmentation_crops_the_short_side_zooms_and_flips():
+    # Listing 1 at R = 64 on a 300 x 200 ramp (value 0.8 x): a 200 px square, resized to t in [72, 96], a 64 crop.
+    ramp = np.repeat(np.repeat((0.8 * np.arange(300)).astype(np.uint8)[None, :, None], 200, 0), 3, 2)
+    augment = DalleAugment(64)
+    slopes, flipped = [], 0
+    for seed in range(60):
+        out = augment({"image": Image.fromarray(ramp)}, np.random.default_rng(seed))["image"].astype(float)
+        assert out.shape == (64, 64, 3)
+        slope = (out[:, -8:].mean() - out[:, :8].mean()) / 56  # value change per output pixel
+        flipped += slope < 0
+        slopes.append(abs(slope))
+    # 0.8 source-value steps per source pixel, 200 / t source pixels per output pixel.
+    assert 0.8 * 200 / 96 - 0.05 <= min(slopes) and max(slopes) <= 0.8 * 200 / 72 + 0.05
+    assert max(slopes) - min(slopes) > 0.2  # t varies
+    assert 15 <= flipped <= 45
+    # A short side below R is resized up rather than failing as the listing would.
+    small = DalleAugment(32)({"image": Image.fromarray(ramp[:20, :30])}, np.random.default_rng(0))["image"]
+    assert small.shape == (32, 32, 3) and small.dtype == np.uint8
 
 
 def test_sentencepiece_captions_are_truncated_and_counted(shapes, tmp_path):
@@ -451,12 +556,11 @@ def test_sentencepiece_captions_are_truncated_and_counted(shapes, tmp_path):
                 for i in range(8)]
     write_image_folder(examples, tmp_path, by=None)
     source = sources.ImageFolderSource(tmp_path)
-    it = _pipe(source, train=False, tokenizer=pipeline.SentencePieceTextTokenizer(sp, add_eos=True),
-               context_length=16)
+    it = _pipe(source, train=False, tokenizer=SentencePieceTextTokenizer(sp, add_eos=True), context_length=16)
     batch = next(it)
     truncated = 0
     for row, i in zip(batch["text"], batch["index"]):
         ids = sp.encode(examples[i]["caption"])
         truncated += len(ids) > 15
         assert row.tolist() == (ids[:15] + [EOS_ID] + [PAD_ID] * (15 - len(ids)))[:16]
-    assert truncated >= 4 and it.stats()["truncated_captions"] == truncated
+    assert truncated >= 4 and it.stats()["counts"]["truncated_captions"] == truncated

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from clip_jax import eval_data, zeroshot
+from common.data.sources import ListSource
+from common.data.writers import encode_image
 from tests.helpers.fake_clip import FakeClip, code_image
 
 COLOURS = ("red", "green", "blue", "yellow", "black", "white", "pink")
@@ -97,25 +99,45 @@ SAMPLES = [(0, 0, 1, 1), (0, 0, 1, 1), (1, 1, 1, 1), (1, 2, 0, 1), (2, 2, 1, 1),
            (1, 3, 0, 0), (2, 5, 0, 1), (2, 4, 0, 1)]
 
 
-def test_evaluate_hand_computed_sharded_padded_and_skipping(n_devices):
+def _pixels(code, size=16):
+    return np.asarray(code_image(code, (size, size)))  # uint8 (size, size, 3)
+
+
+def test_evaluate_hand_computed_sharded_padded_and_masked(n_devices):
     bundle = _colour_bundle()
     weights = zeroshot.zero_shot_weights(bundle, COLOURS, zeroshot.load_templates("single"))
-    images = np.stack([bundle.preprocess(code_image(code)) for code, *_ in SAMPLES])
+    images = np.stack([_pixels(code) for code, *_ in SAMPLES])
     labels = np.array([label for _, label, *_ in SAMPLES])
-    # Host batches of 6 and 6 rows; the second has a corrupt slot, so 5 images + 1 skipped.
-    status = np.ones(12, np.int8)
-    status[7] = eval_data.STATUS_CORRUPT
-    images = np.insert(images, 7, 0.0, axis=0)
+    # Host batches of 6 and 6 rows; the second has an invalid (padding) row, so 5 images.
+    valid = np.ones(12, bool)
+    valid[7] = False
+    images = np.insert(images, 7, 0, axis=0)
     labels = np.insert(labels, 7, 3)
-    batches = [{"image": images[:6], "label": labels[:6], "status": status[:6]},
-               {"image": images[6:], "label": labels[6:], "status": status[6:]}]
+    batches = [{"image": images[:6], "label": labels[:6], "valid": valid[:6]},
+               {"image": images[6:], "label": labels[6:], "valid": valid[6:]}]
     result = zeroshot.evaluate(bundle, batches, weights)
-    assert result["n"] == 11 and result["skipped"] == 1
+    assert result["n"] == 11 and result["skipped"] == 0
     assert result["correct"] == {"top1": sum(s[2] for s in SAMPLES), "top5": sum(s[3] for s in SAMPLES)} \
         == {"top1": 4, "top5": 8}
     assert result["top1"] == pytest.approx(4 / 11) and result["top5"] == pytest.approx(8 / 11)
     # Each 6-row batch was padded to 8 and split over all 8 devices.
     assert bundle.image_calls == [((8, 16, 16, 3), n_devices)] * 2
+
+
+def test_a_set_that_is_not_a_batch_multiple_counts_each_image_once(n_devices):
+    # 13 images (codes 0..12) and one corrupt, global batch 8 over 8 devices: batches of 8, 5 + 3 padding.
+    eye = np.eye(3, dtype=np.float32)
+    bundle = FakeClip(eye[np.arange(13) % 3], {c: eye[i] for i, c in enumerate(COLOURS[:3])})
+    labels = [code % 3 for code in range(13)]
+    labels[12] = 1  # the one wrong answer: code 12 looks like class 0
+    records = [{"image": encode_image(_pixels(code, 10)), "label": label} for code, label in enumerate(labels)]
+    records.insert(5, {"image": b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "label": 0})  # corrupt
+    weights = zeroshot.zero_shot_weights(bundle, COLOURS[:3], zeroshot.load_templates("single"))
+    batches = zeroshot.image_batches(ListSource(records), 16, global_batch_size=8, num_threads=2)
+    result = zeroshot.evaluate(bundle, batches, weights)
+    assert batches.num_batches == 2 and bundle.image_calls == [((8, 16, 16, 3), n_devices)] * 2
+    assert result["n"] == 13 and result["skipped"] == 1
+    assert result["correct"]["top1"] == 12 and result["top1"] == pytest.approx(12 / 13)
 
 
 def test_cli_on_an_image_folder(tmp_path, monkeypatch, n_devices):

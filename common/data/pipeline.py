@@ -1,19 +1,16 @@
-"""Deterministic, resumable grain pipelines of image-text batches for CLIP-style training.
+"""One deterministic, resumable grain pipeline for training and evaluation, for every task.
 
-`make_image_text_pipeline(source, ...)` returns an `ImageTextIterator` of
-host-local batches
-
-    {"image": float32 (b, S, S, 3), CLIP-normalised, "text": int32 (b, L)}
-
-with b = global_batch_size / shard_count. What each host does:
+`make_pipeline(source, transform, ...)` returns a `RecordIterator` of host-local
+batches: dicts of the fields the transform leaves, stacked (images stay uint8;
+tasks normalise on the device). What each host does:
 
     records [start, stop) of this host   contiguous, so hosts are disjoint and their union is the source
     -> shuffle (train)                   grain's index shuffle, re-seeded every epoch
     -> repeat(num_epochs)
-    -> prepare                           caption check, decode, augment or CLIP eval transform, tokenize;
-                                         randomness from rng((seed, epoch, record index)) only
-    -> threads -> drop bad records       counted by reason, following records fill the batch
-    -> batch (always full) -> worker processes (optional)
+    -> transform                         the task's steps (transforms.py); randomness from
+                                         rng((seed, epoch, record index)) only
+    -> threads -> drop skipped records   counted by reason, following records fill the batch
+    -> batch -> worker processes (optional)
 
 Every step is a pure function of the position in that sequence, so the
 iterator state is just grain's position plus counters; `get_state()` is a
@@ -21,11 +18,12 @@ JSON dict that the trainer stores in checkpoint metadata, and `set_state`
 continues with bitwise the same batches as a run that never stopped
 (DESIGN.md principle 7).
 
-Training augmentation is open_clip's (`open_clip/transform.py`,
-`image_transform(is_train=True)`): torchvision `RandomResizedCrop(size,
-scale=(0.9, 1.0), interpolation=BICUBIC)` with ratio (3/4, 4/3), then RGB,
-ToTensor, Normalize(CLIP_MEAN, CLIP_STD). Evaluation is OpenAI CLIP's
-`clip_preprocess` (resize shorter side, center crop), bit for bit.
+Training batches are always full. Evaluation (`pad_last_batch=True`, one
+pass) serves every record of the host's shard exactly once: the last batch is
+padded, a bool `valid` field marks real rows, and every host yields the same
+number of batches, ceil(ceil(N / hosts) / host batch), the last ones all
+invalid if it needs them, so collectives line up across hosts and no shape
+changes (nothing recompiles).
 """
 
 from __future__ import annotations
@@ -35,130 +33,19 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
-from PIL import Image
 
-from common.data.shapes import ShapesConfig, ShapesDataset
-from common.data.sources import ImageTextRecord, ShapesSource
-from common.images import ImageDecodeError, center_crop, decode_image, normalize_rgb, resize_shorter_side
-from common.tokenizers.clip_bpe import DEFAULT_CONTEXT_LENGTH, ClipTokenizer, default_tokenizer
-from common.tokenizers.sentencepiece import SentencePieceTokenizer
+from common.data.transforms import COUNTS, SkipRecord, Transform, compose
 
 log = logging.getLogger(__name__)
 
-# Why a record is skipped; counters and `stats()` use these names.
-SKIP_REASONS = ("missing_image", "corrupt_image", "missing_caption", "empty_caption")
 _SHUFFLE_STREAM = 0x5348  # separates the shuffle seed from other uses of the user's seed
-
-
-# --------------------------------------------------------------------------
-# Augmentation
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """RandomResizedCrop of CLIP training (open_clip's `AugmentationCfg` defaults)."""
-
-    scale: tuple[float, float] = (0.9, 1.0)  # crop area as a fraction of the image area
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio w / h, sampled log-uniformly
-
-    def __post_init__(self):
-        if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"Expected 0 < scale[0] <= scale[1] <= 1, found scale={self.scale}.")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"Expected 0 < ratio[0] <= ratio[1], found ratio={self.ratio}.")
-
-
-def random_resized_crop_box(width: int, height: int, cfg: AugmentConfig,
-                            rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of the crop; torchvision `RandomResizedCrop.get_params`, step for step.
-
-    Ten tries at an area fraction in `scale` and a log-uniform aspect ratio
-    in `ratio`; if none fits, the central crop with the ratio clamped to
-    `ratio` (the whole image when its ratio is inside).
-    """
-    area = width * height
-    log_ratio = (math.log(cfg.ratio[0]), math.log(cfg.ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*cfg.scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(cfg.ratio):
-        w, h = width, int(round(width / min(cfg.ratio)))
-    elif in_ratio > max(cfg.ratio):
-        w, h = int(round(height * max(cfg.ratio))), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def random_resized_crop(img: Image.Image, size: int, cfg: AugmentConfig, rng: np.random.Generator) -> Image.Image:
-    """torchvision `F.resized_crop` on PIL: crop the sampled box, resize to (size, size) bicubic."""
-    top, left, h, w = random_resized_crop_box(img.width, img.height, cfg, rng)
-    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
-
-
-# --------------------------------------------------------------------------
-# Tokenizers: (caption, context_length) -> (int32 (L,), truncated)
-# --------------------------------------------------------------------------
-
-TextTokenizer = Callable[[str, int], tuple[np.ndarray, bool]]
-
-
-@dataclasses.dataclass(frozen=True)
-class ClipTextTokenizer:
-    """`clip.tokenize(text, context_length, truncate=True)`: an over-long caption keeps EOT last."""
-
-    tokenizer: ClipTokenizer
-
-    def __call__(self, text: str, context_length: int) -> tuple[np.ndarray, bool]:
-        ids = self.tokenizer.tokenize(text, context_length, truncate=True)[0]
-        return ids, len(self.tokenizer.encode(text)) + 2 > context_length
-
-
-@dataclasses.dataclass(frozen=True)
-class SentencePieceTextTokenizer:
-    """`SentencePieceTokenizer.encode_batch` with truncation (DALL·E-style text), pad-filled."""
-
-    tokenizer: SentencePieceTokenizer
-    add_bos: bool = False
-    add_eos: bool = False
-
-    def __call__(self, text: str, context_length: int) -> tuple[np.ndarray, bool]:
-        ids = self.tokenizer.encode_batch([text], context_length, truncate=True, add_bos=self.add_bos,
-                                          add_eos=self.add_eos)[0]
-        budget = context_length - int(self.add_bos) - int(self.add_eos)
-        return ids, len(self.tokenizer.encode(text)) > budget
-
-
-def resolve_tokenizer(tokenizer: str | ClipTokenizer | SentencePieceTokenizer | TextTokenizer) -> TextTokenizer:
-    """"clip" (the bundled CLIP BPE), a tokenizer object, or a `(text, context_length) -> (ids, truncated)`."""
-    if tokenizer == "clip":
-        return ClipTextTokenizer(default_tokenizer())
-    if isinstance(tokenizer, ClipTokenizer):
-        return ClipTextTokenizer(tokenizer)
-    if isinstance(tokenizer, SentencePieceTokenizer):
-        return SentencePieceTextTokenizer(tokenizer)
-    if callable(tokenizer):
-        return tokenizer
-    raise ValueError(f"Expected tokenizer 'clip', a ClipTokenizer, a SentencePieceTokenizer or a callable "
-                     f"(text, context_length) -> (int ids (L,), truncated), found {tokenizer!r}.")
-
-
-# --------------------------------------------------------------------------
-# Per-record preparation
-# --------------------------------------------------------------------------
 
 
 class _SkipLogger:
@@ -166,8 +53,8 @@ class _SkipLogger:
 
     def __init__(self, first: int = 5, interval_s: float = 60.0):
         self.first, self.interval_s = first, interval_s
-        self._seen = dict.fromkeys(SKIP_REASONS, 0)
-        self._last = dict.fromkeys(SKIP_REASONS, 0.0)
+        self._seen: Counter[str] = Counter()
+        self._last: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # locks do not pickle (grain worker processes)
@@ -176,115 +63,82 @@ class _SkipLogger:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
 
-    def __call__(self, reason: str, record: ImageTextRecord, detail: str) -> None:
+    def __call__(self, skip: SkipRecord) -> None:
         with self._lock:
-            self._seen[reason] += 1
-            seen, now = self._seen[reason], time.monotonic()
-            if seen > self.first and now - self._last[reason] < self.interval_s:
+            self._seen[skip.reason] += 1
+            seen, now = self._seen[skip.reason], time.monotonic()
+            if seen > self.first and now - self._last.get(skip.reason, 0.0) < self.interval_s:
                 return
-            self._last[reason] = now
-        log.warning("Skipping record %s (%s, %d so far in this process%s): %s", record.key, reason, seen,
-                    "; further ones logged once a minute" if seen == self.first else "", detail)
-
-
-def _to_pil(data: bytes | str | np.ndarray) -> Image.Image:
-    """Encoded bytes or an image file path (decoded strictly), or a uint8 (H, W[, C]) array."""
-    if isinstance(data, np.ndarray):
-        return Image.fromarray(data[..., 0] if data.shape[-1:] == (1,) else data)
-    return decode_image(data)
+            self._last[skip.reason] = now
+        log.warning("Skipping a record (%s, %d so far in this process%s): %s", skip.reason, seen,
+                    "; further ones logged once a minute" if seen == self.first else "", skip.detail)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Skipped:
-    reason: int  # index into SKIP_REASONS
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
-class _PrepareExample:
-    """(position, record) -> example dict or `_Skipped`; a pure function of both.
+class _Apply:
+    """(position, record) -> transformed record or `_Skipped`; a pure function of both.
 
-    position = epoch * epoch_length + position in the epoch's order; all
-    randomness comes from rng((seed, epoch, record.index)).
+    position = epoch * epoch_length + position in the epoch's order.
     """
 
-    image_size: int
-    context_length: int
-    tokenizer: TextTokenizer
-    augment: AugmentConfig | None  # None: the CLIP evaluation transform
+    transform: Transform
     seed: int
     epoch_length: int
     skip_log: _SkipLogger
 
-    def _skip(self, reason: str, record: ImageTextRecord, detail: str) -> _Skipped:
-        self.skip_log(reason, record, detail)
-        return _Skipped(SKIP_REASONS.index(reason))
-
-    def __call__(self, position: int, record: ImageTextRecord) -> dict[str, np.ndarray] | _Skipped:
-        rng = np.random.default_rng((self.seed, position // self.epoch_length, record.index))
-        caption = record.caption
-        if isinstance(caption, tuple):  # several captions: one per epoch in training, the first in eval
-            caption = caption[int(rng.integers(len(caption)))] if self.augment is not None else caption[0]
-        if caption is None:
-            return self._skip("missing_caption", record, "no caption")
-        if not caption.strip():
-            return self._skip("empty_caption", record, f"caption {caption!r}")
-        if record.data is None:
-            return self._skip("missing_image", record, "no image")
+    def __call__(self, position: int, record: dict[str, Any]) -> dict[str, Any] | _Skipped:
+        rng = np.random.default_rng((self.seed, position // self.epoch_length, record["index"]))
         try:
-            img = _to_pil(record.data)
-        except OSError as err:  # the file is gone or unreadable; bad bytes raise ImageDecodeError
-            return self._skip("missing_image", record, f"{type(err).__name__}: {err}")
-        except (ImageDecodeError, ValueError, TypeError) as err:
-            return self._skip("corrupt_image", record, f"{type(err).__name__}: {err}")
-        try:
-            if self.augment is None:
-                img = center_crop(resize_shorter_side(img, self.image_size), self.image_size)
-            else:
-                img = random_resized_crop(img, self.image_size, self.augment, rng)
-            rgb = np.asarray(img.convert("RGB"), np.uint8)  # (S, S, 3), normalised per batch
-        except (OSError, ValueError, TypeError) as err:  # an image mode PIL cannot resample or convert
-            return self._skip("corrupt_image", record, f"{type(err).__name__}: {err}")
-        ids, truncated = self.tokenizer(caption, self.context_length)
-        ids = np.asarray(ids)
-        if ids.shape != (self.context_length,) or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"Expected the tokenizer to return integer ids of shape ({self.context_length},), "
-                             f"found {ids.dtype} {ids.shape} for caption {caption!r}.")
-        return {"image": rgb, "text": ids.astype(np.int32), "truncated": np.int32(truncated),
-                "index": np.int64(record.index)}
+            return self.transform(record, rng)
+        except SkipRecord as skip:
+            self.skip_log(skip)
+            return _Skipped(skip.reason)
 
 
 class _DropSkipped(grain.IterDataset):
     """Drops `_Skipped` markers; each example carries the counts of those dropped just before it.
 
     The counts travel with the data, so they are exact for the consumed
-    position even when this runs in grain worker processes.
+    position even when this runs in grain worker processes. With
+    `report_trailing` (one evaluation pass), skips after the last example come
+    as a last element without a record, (None, counts).
     """
 
-    def __init__(self, parent: grain.IterDataset, max_consecutive: int):
+    def __init__(self, parent: grain.IterDataset, max_consecutive: int, report_trailing: bool):
         super().__init__(parent)
-        self._max_consecutive = max_consecutive
+        self._max_consecutive, self._report_trailing = max_consecutive, report_trailing
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _DropSkippedIterator(self._parent.__iter__(), self._max_consecutive)
+        return _DropSkippedIterator(self._parent.__iter__(), self._max_consecutive, self._report_trailing)
 
 
 class _DropSkippedIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, max_consecutive: int):
+    def __init__(self, parent: grain.DatasetIterator, max_consecutive: int, report_trailing: bool):
         super().__init__(parent)
-        self._max_consecutive = max_consecutive
+        self._max_consecutive, self._report_trailing = max_consecutive, report_trailing
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        skipped = np.zeros(len(SKIP_REASONS), np.int32)
+    def __next__(self) -> tuple[dict[str, Any] | None, Counter]:
+        skipped: Counter[str] = Counter()
         while True:
-            element = next(self._parent)
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if skipped and self._report_trailing:
+                    return None, skipped
+                raise
             if not isinstance(element, _Skipped):
-                return {**element, "skipped": skipped}
+                return element, skipped
             skipped[element.reason] += 1
-            if skipped.sum() >= self._max_consecutive:
+            if skipped.total() >= self._max_consecutive:
                 raise RuntimeError(
-                    f"The last {int(skipped.sum())} records in a row (a whole epoch of this host's shard) were "
-                    f"all skipped: {dict(zip(SKIP_REASONS, skipped.tolist()))}. The source is unusable as "
-                    "configured: check the paths, the caption field names and the logged reasons.")
+                    f"The last {skipped.total()} records in a row (a whole epoch of this host's shard) were all "
+                    f"skipped: {dict(skipped)}. The source is unusable as configured: check the paths, the field "
+                    "names and the logged reasons.")
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()
@@ -293,19 +147,22 @@ class _DropSkippedIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
-def _collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stacks examples; uint8 images become CLIP-normalised float32 here, 4x less to buffer before."""
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    batch["image"] = normalize_rgb(batch["image"])  # (b, S, S, 3) float32
-    return batch
+def _collate(examples: Sequence[tuple[dict[str, Any] | None, Counter]]) -> dict[str, Any]:
+    """Stacks the examples' fields (None: only trailing skips); sums the counts that came with them."""
+    counts = sum((Counter(e.get(COUNTS, {})) for e, _ in examples if e is not None), Counter())
+    skipped = sum((s for _, s in examples), Counter())
+    fields = [{k: v for k, v in e.items() if k != COUNTS} for e, _ in examples if e is not None]
+    if not fields:
+        return {"fields": None, "skipped": skipped, "counts": counts}
+    names = set(fields[0])
+    other = next((f for f in fields if set(f) != names), None)
+    if other is not None:
+        raise ValueError(f"Records of one batch have different fields, {sorted(names)} and {sorted(other)}; end "
+                         "the transform with transforms.Select(...) of the fields the task reads.")
+    return {"fields": {k: np.stack([f[k] for f in fields]) for k in fields[0]}, "skipped": skipped, "counts": counts}
 
 
-# --------------------------------------------------------------------------
-# The iterator the trainer consumes
-# --------------------------------------------------------------------------
-
-
-class ImageTextIterator:
+class RecordIterator:
     """Host-local batches with `get_state()` / `set_state()` and skip statistics.
 
     `get_state()` is a JSON dict: grain's position, the counters, and the
@@ -314,45 +171,60 @@ class ImageTextIterator:
     would point at other records.
     """
 
-    def __init__(self, dataset: grain.IterDataset, settings: dict[str, Any], host_batch_size: int,
-                 return_index: bool):
+    def __init__(self, dataset: grain.IterDataset, settings: dict[str, Any], num_batches: int | None):
         self._iterator = iter(dataset)
         self._settings = settings
-        self._host_batch_size = host_batch_size
-        self._return_index = return_index
-        self._batches = 0
-        self._skipped = np.zeros(len(SKIP_REASONS), np.int64)
-        self._truncated = 0
+        self._host_batch_size = settings["host_batch_size"]
+        self.num_batches = num_batches  # evaluation: the padded count every host yields; None: unbounded
+        self._padding: dict[str, np.ndarray] | None = None  # one all-invalid row, shaped like the data
+        self._batches = self._examples = 0
+        self._skipped: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
 
-    def __iter__(self) -> ImageTextIterator:
+    def __iter__(self) -> RecordIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._iterator)
-        self._skipped += np.asarray(batch["skipped"]).sum(0)
-        self._truncated += int(np.asarray(batch["truncated"]).sum())
+        if self.num_batches is not None and self._batches >= self.num_batches:
+            raise StopIteration
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if self.num_batches is None:
+                raise
+            batch = {"fields": None, "skipped": Counter(), "counts": Counter()}
+        self._skipped.update(batch["skipped"])
+        self._counts.update(batch["counts"])
+        out = batch["fields"]
+        if out is None:  # past the end of an evaluation pass: padding only
+            if self._padding is None:
+                raise RuntimeError(
+                    f"Shard {self._settings['shard_index']} of {self._settings['shard_count']} gave no usable "
+                    f"record ({dict(self._skipped)} skipped), so its padding batches have no shape. Check the source.")
+            out = {k: v[:0] for k, v in self._padding.items()}
+        rows = len(next(iter(out.values())))
         self._batches += 1
-        out = {"image": np.asarray(batch["image"]), "text": np.asarray(batch["text"])}
-        if self._return_index:
-            out["index"] = np.asarray(batch["index"])
-        return out
+        self._examples += rows
+        if self.num_batches is None:
+            return out
+        if self._padding is None:
+            self._padding = {k: np.zeros_like(v[:1]) for k, v in out.items()}
+        pad = self._host_batch_size - rows
+        out = {k: np.concatenate([v, np.repeat(self._padding[k], pad, axis=0)]) if pad else v for k, v in out.items()}
+        return {**out, "valid": np.arange(self._host_batch_size) < rows}
 
     def stats(self) -> dict[str, Any]:
-        """Batches and examples served, records skipped by reason, captions truncated.
+        """Batches and examples (real rows) served, records skipped by reason, transform counts.
 
         Counts cover the records up to the last example served (skips travel
         with the next good example), and the same counts come back after
         `set_state`.
         """
-        skipped = {r: int(n) for r, n in zip(SKIP_REASONS, self._skipped)}
-        return {"batches": self._batches, "examples": self._batches * self._host_batch_size,
-                "skipped": skipped, "skipped_total": sum(skipped.values()),
-                "truncated_captions": self._truncated}
+        return {"batches": self._batches, "examples": self._examples, "skipped": dict(self._skipped),
+                "skipped_total": self._skipped.total(), "counts": dict(self._counts)}
 
     def get_state(self) -> dict[str, Any]:
-        stats = self.stats()
-        return {"grain": self._iterator.get_state(), "batches": stats["batches"], "skipped": stats["skipped"],
-                "truncated_captions": stats["truncated_captions"], "pipeline": dict(self._settings)}
+        return {"grain": self._iterator.get_state(), **self.stats(), "pipeline": dict(self._settings)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         differ = {k: (state.get("pipeline", {}).get(k), v) for k, v in self._settings.items()
@@ -363,9 +235,8 @@ class ImageTextIterator:
                 f"{differ}. Resume with the same source, seed, batch size, shard layout and workers, or start "
                 "the data afresh (drop data_state from the checkpoint metadata).")
         self._iterator.set_state(state["grain"])
-        self._batches = int(state["batches"])
-        self._skipped = np.array([state["skipped"][r] for r in SKIP_REASONS], np.int64)
-        self._truncated = int(state["truncated_captions"])
+        self._batches, self._examples = int(state["batches"]), int(state["examples"])
+        self._skipped, self._counts = Counter(state["skipped"]), Counter(state["counts"])
 
     def close(self) -> None:
         """Stops grain's worker processes, if any."""
@@ -386,64 +257,54 @@ def _allow_grain_workers_without_absl() -> None:
         flags.FLAGS[name].present = True
 
 
-def make_image_text_pipeline(
+def make_pipeline(
     source: Any,
+    transform: Transform | Sequence[Transform],
     *,
     global_batch_size: int,
-    image_size: int,
-    tokenizer: str | ClipTokenizer | SentencePieceTokenizer | TextTokenizer = "clip",
-    context_length: int = DEFAULT_CONTEXT_LENGTH,
-    train: bool = True,
+    train: bool,
     seed: int = 0,
     num_epochs: int | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
     worker_count: int = 0,
-    augment: AugmentConfig | None = AugmentConfig(),
     read_options: grain.ReadOptions | None = None,
-    return_index: bool = False,
-) -> ImageTextIterator:
-    """Host-local batches of `source` (any `sources.py` source; see the module docstring).
+    pad_last_batch: bool = False,
+) -> RecordIterator:
+    """Host-local batches of `source` through `transform` (see the module docstring).
 
     Args:
-      source: random access `len(source)`, `source[i] -> ImageTextRecord`.
+      source: random access `len(source)`, `source[i] -> record dict` (sources.py).
+      transform: `(record, rng) -> record`, or a sequence applied in order
+        (transforms.py); it should end with `Select` of the fields to batch.
       global_batch_size: examples per step over all hosts; each host gets
-        global_batch_size / shard_count, always full (bad records are replaced
-        by the next good ones; with finite `num_epochs` the last partial batch
-        is dropped).
-      image_size: side S of the square output images.
-      tokenizer: "clip", a ClipTokenizer or SentencePieceTokenizer, or a
-        callable `(text, context_length) -> (int ids (context_length,), truncated)`.
-        Over-long captions are truncated and counted, never fatal.
-      train: shuffle and augment (`augment`); False keeps source order and
-        uses CLIP's evaluation transform.
-      seed: seeds the per-epoch shuffle and the augmentation.
+        global_batch_size / shard_count.
+      train: shuffle every epoch; False keeps source order.
+      seed: seeds the per-epoch shuffle and the transforms' rng.
       num_epochs: None repeats forever (train by steps). With a finite count
-        the iterator ends after the last full batch; hosts skip different
-        numbers of bad records, so they may end a batch apart: multi-host
-        training should run by steps.
+        and no padding, the iterator ends after the last full batch; hosts
+        skip different numbers of bad records, so they may end a batch apart.
       shard_index, shard_count: this host's shard (default: jax.process_index(),
         jax.process_count()); hosts read contiguous, disjoint record ranges.
-      worker_count: grain worker processes for decoding (0: threads in this process).
-      augment: the training crop; None trains on the evaluation transform.
+      worker_count: grain worker processes for the transforms (0: threads in this process).
       read_options: grain's per-process threads and prefetch buffer.
-      return_index: add "index": int64 (b,) source indices, for debugging and tests.
+      pad_last_batch: evaluation; needs num_epochs=1 (see the module docstring).
     """
-    if shard_index is None or shard_count is None:
-        import jax
-
-        shard_index = jax.process_index() if shard_index is None else shard_index
-        shard_count = jax.process_count() if shard_count is None else shard_count
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"Expected 0 <= shard_index < shard_count, found {shard_index} and {shard_count}.")
     if global_batch_size < 1 or global_batch_size % shard_count:
         raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
                          f"{shard_count} data-loading processes, each of which loads an equal share; pick a "
                          f"multiple of {shard_count}.")
-    if image_size < 1 or context_length < 2:
-        raise ValueError(f"Expected image_size >= 1 and context_length >= 2, found {image_size}, {context_length}.")
     if not 0 <= seed < 2**32:
         raise ValueError(f"Expected 0 <= seed < 2**32, found {seed}.")
+    if pad_last_batch and num_epochs != 1:
+        raise ValueError(f"pad_last_batch serves one pass for evaluation; expected num_epochs=1, found {num_epochs}.")
+    if train and getattr(source, "sequential", False):
+        raise ValueError(f"{source!r} has no random access (TFRecord), so it cannot be shuffled for training. "
+                         "Rebuild it: `tfds build NAME --data_dir DIR --file_format array_record`.")
     num_records = len(source)
     start, stop = num_records * shard_index // shard_count, num_records * (shard_index + 1) // shard_count
     if stop == start:
@@ -455,31 +316,15 @@ def make_image_text_pipeline(
     if train:
         ds = ds.shuffle(seed=int(np.random.SeedSequence((seed, _SHUFFLE_STREAM)).generate_state(1)[0]))
     ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(_PrepareExample(
-        image_size=image_size, context_length=context_length, tokenizer=resolve_tokenizer(tokenizer),
-        augment=augment if train else None, seed=seed, epoch_length=stop - start, skip_log=_SkipLogger()))
+    ds = ds.map_with_index(_Apply(compose(transform), seed, stop - start, _SkipLogger()))
     read_options = read_options or grain.ReadOptions(num_threads=16, prefetch_buffer_size=max(128, 2 * host_batch_size))
-    it = _DropSkipped(ds.to_iter_dataset(read_options), max_consecutive=stop - start)
-    it = it.batch(host_batch_size, drop_remainder=True, batch_fn=_collate)
+    it = _DropSkipped(ds.to_iter_dataset(read_options), max_consecutive=stop - start, report_trailing=pad_last_batch)
+    it = it.batch(host_batch_size, drop_remainder=not pad_last_batch, batch_fn=_collate)
     if worker_count > 0:
         _allow_grain_workers_without_absl()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     settings = {"num_records": num_records, "shard_index": shard_index, "shard_count": shard_count,
                 "host_batch_size": host_batch_size, "seed": seed, "train": train, "num_epochs": num_epochs,
-                "worker_count": worker_count}
-    return ImageTextIterator(it, settings, host_batch_size, return_index)
-
-
-def shapes_pipeline(split: str = "train", num_examples: int = 10_000, image_size: int = 64,
-                    global_batch_size: int = 64, *, config: ShapesConfig | None = None,
-                    **kwargs: Any) -> ImageTextIterator:
-    """The built-in shapes dataset as an image-text pipeline, for smoke runs and the demo.
-
-    Images are rendered at `config.image_size` (default: `image_size`);
-    `train` defaults to `split == "train"`; other keyword arguments go to
-    `make_image_text_pipeline`.
-    """
-    config = config or ShapesConfig(image_size=image_size)
-    kwargs.setdefault("train", split == "train")
-    return make_image_text_pipeline(ShapesSource(ShapesDataset(split, num_examples, config)),
-                                    global_batch_size=global_batch_size, image_size=image_size, **kwargs)
+                "worker_count": worker_count, "pad_last_batch": pad_last_batch}
+    num_batches = math.ceil(math.ceil(num_records / shard_count) / host_batch_size) if pad_last_batch else None
+    return RecordIterator(it, settings, num_batches)

@@ -1,29 +1,33 @@
-"""Random-access sources of captioned images for the grain pipelines in `pipeline.py`.
+"""Random-access sources of records for the grain pipeline in `pipeline.py`.
 
-Every source is a grain `RandomAccessDataSource`: `len(source)` and
-`source[i] -> ImageTextRecord`, a pure function of `i`, so grain can shuffle
-globally, shard by host and resume anywhere. Records stay undecoded here
-(bytes, a file path or a uint8 array); decoding, and deciding that a record is
-bad, happens in the pipeline, which skips and counts bad records instead of
-failing (DESIGN.md principle 7). A source therefore never raises for one bad
-record: a member or file it cannot read becomes `data=None` (missing image),
-an unreadable caption becomes `caption=None`.
+Every source has `len(source)` and `source[i] -> record`, a pure function of
+`i`, so grain can shuffle globally, shard by host and resume anywhere. A
+record is a plain dict
+
+    {"index": int, "key": str, <optional fields>}
+
+with `index` its position in the source, `key` where it comes from (for logs)
+and whichever of these the source has: `image` (encoded bytes, an image file
+path or a uint8 (H, W[, C]) array; None: listed but unreadable), `caption`
+(str, a tuple of str, or None), `label` (int), or any named array (e.g.
+`text_ids`, int16 `codes`). Records stay undecoded here; decoding, and
+deciding that a record is bad, happens in the task's transforms
+(`transforms.py`), which skip and count bad records instead of failing
+(DESIGN.md principle 7). A source therefore never raises for one bad record.
 
 * `TarShardSource`: webdataset / img2dataset tar shards (`KEY.jpg|jpeg|png|webp`
-  with `KEY.txt` or `KEY.json` holding a "caption"). Shards are indexed once
-  (member offsets from the tar headers, optionally cached next to an index
-  directory) and members are read by offset: no sequential scan at run time.
-* `ImageFolderSource`: image files plus `captions.tsv` (`relative/path<TAB>caption`)
-  or a JSON-lines file with image and caption fields.
-* `TfdsSource`: a tfds dataset prepared as ArrayRecord (or Parquet), read
-  through `tfds.data_source` without TensorFlow.
+  with `KEY.txt` or `KEY.json` holding a "caption"), read by member offset.
+* `ImageFolderSource`: image files with a captions file, or one sub-folder per class.
+* `TfdsSource`: a prepared tfds split, features mapped to record fields.
+* `ArrayRecordSource`: array_record shards of precomputed fields (`writers.write_array_records`).
 * `ShapesSource`: the built-in shapes dataset, rendered on access.
+* `ListSource`: records given in memory.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
-import dataclasses
 import glob
 import hashlib
 import io
@@ -32,31 +36,30 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, SupportsIndex
 
 import numpy as np
+import tensorflow_datasets as tfds
+from flax.serialization import msgpack_restore
 from tqdm import tqdm
 
 from common.data.shapes import ShapesConfig, ShapesDataset
 
 log = logging.getLogger(__name__)
 
+Record = dict[str, Any]
 # img2dataset's output formats; the first one present is a key's image.
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 # webdataset's `base_plus_ext`: the key is the member path up to the first "." of its basename.
 _TAR_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _NO_CAPTION, _TXT_CAPTION, _JSON_CAPTION = 0, 1, 2
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageTextRecord:
-    """One undecoded example of a source."""
-
-    index: int  # position in the source, 0 .. len(source) - 1
-    key: str  # where it comes from, for logs: "shard-00003.tar:000001234", a file path, ...
-    data: bytes | str | np.ndarray | None  # encoded image, image file path, uint8 (H, W[, C]); None: missing
-    caption: str | tuple[str, ...] | None  # one caption, several (one is drawn per epoch), or None: missing
+class DatasetNotFoundError(FileNotFoundError):
+    """The requested data is not where it was looked for."""
 
 
 def _check_index(index: SupportsIndex, length: int) -> int:
@@ -72,6 +75,25 @@ def _caption_from_json(raw: bytes, field: str) -> str | None:
     except (UnicodeDecodeError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
+
+
+def _expand_paths(spec: str | os.PathLike | Sequence[str | os.PathLike], ext: str, hint: str) -> list[str]:
+    """A directory (every `*{ext}` in it), a glob, one path or a list of paths -> existing files, sorted."""
+    if isinstance(spec, (str, os.PathLike)):
+        pattern = os.fspath(spec)
+        if os.path.isdir(pattern):
+            paths = sorted(glob.glob(os.path.join(pattern, f"*{ext}")))
+        else:
+            paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    else:
+        paths = [os.fspath(p) for p in spec]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or missing:
+        raise DatasetNotFoundError(
+            f"Expected {ext} files, found {'none' if not paths else 'missing files ' + str(missing[:5])} for "
+            f"{spec!r}. Pass a directory of {ext} files, a glob such as 'data/shard-*{ext}', or a list of paths "
+            f"({hint}).")
+    return paths
 
 
 # --------------------------------------------------------------------------
@@ -144,26 +166,8 @@ def _cached_index(path: str, index_dir: str | None) -> dict[str, np.ndarray]:
     return index
 
 
-def _expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    if isinstance(shards, (str, os.PathLike)):
-        spec = os.fspath(shards)
-        if os.path.isdir(spec):
-            paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
-        else:
-            paths = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
-    else:
-        paths = [os.fspath(p) for p in shards]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if not paths or missing:
-        raise FileNotFoundError(
-            f"Expected webdataset tar shards, found {'none' if not paths else 'missing files ' + str(missing[:5])} "
-            f"for {shards!r}. Pass a directory of .tar files, a glob such as 'data/shard-*.tar', or a list of "
-            "paths (e.g. the output of img2dataset --output_format webdataset).")
-    return paths
-
-
 class TarShardSource:
-    """Records of webdataset / img2dataset tar shards, read by member offset.
+    """Records {image: bytes, caption: str} of webdataset / img2dataset tar shards, read by member offset.
 
     Args:
       shards: a directory (every `*.tar` in it), a glob, or a list of shard paths;
@@ -173,11 +177,14 @@ class TarShardSource:
       caption_field: the field of `KEY.json` holding the caption, used when a
         key has no `KEY.txt`.
       num_threads: shards indexed in parallel.
+
+    A key without an image member, or a member that cannot be read, has image
+    None; one without a readable caption has caption None.
     """
 
     def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], *, index_dir: str | None = None,
                  caption_field: str = "caption", num_threads: int = 8):
-        self.paths = _expand_shards(shards)
+        self.paths = _expand_paths(shards, ".tar", "e.g. the output of img2dataset --output_format webdataset")
         self.caption_field = caption_field
         with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
             indices = list(tqdm(pool.map(lambda p: _cached_index(p, index_dir), self.paths), total=len(self.paths),
@@ -194,7 +201,7 @@ class TarShardSource:
     def __repr__(self) -> str:
         return f"TarShardSource({len(self.paths)} shards from {self.paths[0]!r}, {len(self)} records)"
 
-    def __getitem__(self, index: SupportsIndex) -> ImageTextRecord:
+    def __getitem__(self, index: SupportsIndex) -> Record:
         i = _check_index(index, len(self))
         path = self.paths[self._shard[i]]
         (image_offset, image_size), (caption_offset, caption_size) = self._image[i], self._caption[i]
@@ -213,81 +220,107 @@ class TarShardSource:
                         caption = _caption_from_json(raw, self.caption_field)
         except OSError as err:  # the shard vanished or cannot be read since indexing: a missing record
             log.debug("Cannot read record %d from %s: %s", i, path, err)
-        return ImageTextRecord(i, f"{path}:{self._keys[i].decode('utf-8')}", data, caption)
+        return {"index": i, "key": f"{path}:{self._keys[i].decode('utf-8')}", "image": data, "caption": caption}
 
 
 # --------------------------------------------------------------------------
-# Image folders with a captions file
+# Image folders: a captions file, or one sub-folder per class
 # --------------------------------------------------------------------------
+
+ClassSpace = Callable[[Sequence[str]], tuple[Mapping[str, int], tuple[str, ...]]]
+
+
+def folder_class_space(folders: Sequence[str]) -> tuple[dict[str, int], tuple[str, ...]]:
+    """Sorted folder names are classes 0, 1, ..., named by the folder with "_" replaced by " "."""
+    return {f: i for i, f in enumerate(folders)}, tuple(f.replace("_", " ") for f in folders)
 
 
 class ImageFolderSource:
-    """Image files listed, with captions, in a TSV or JSON-lines file.
+    """Image files, captioned by a TSV / JSON-lines file or labelled by their class sub-folder.
 
-    Args:
-      root: the folder image paths are relative to (absolute paths are kept).
-      captions_file: `*.tsv` lines `path<TAB>caption` (as `write_image_folder`
-        writes), or `*.jsonl` objects with `image_field` and `caption_field`;
-        default `root/captions.tsv`, else `root/captions.jsonl`.
-      image_field, caption_field: JSON-lines field names.
+    With a captions file (`captions_file`, else `root/captions.tsv` or
+    `root/captions.jsonl` when present), its lines are the records {image:
+    path, caption}: `*.tsv` lines `path<TAB>caption` (as `write_image_folder`
+    writes), or `*.jsonl` objects with `image_field` and `caption_field`. A
+    line that cannot be parsed is a record with neither; a listed file that
+    does not exist is found, skipped and counted when read.
 
-    A line that cannot be parsed is a record with neither image nor caption;
-    a listed file that does not exist is found, skipped and counted when read.
+    Without one, every image file under `root` (sorted paths, any depth) is a
+    record {image: path}; those under `root/<class folder>/` also get `label`.
+    `class_space(sorted folder names) -> ({folder: label}, classnames)` decides
+    the labels (default `folder_class_space`); `classnames` is exposed as
+    `source.classnames` (empty with a captions file).
     """
 
     def __init__(self, root: str | os.PathLike, *, captions_file: str | os.PathLike | None = None,
-                 image_field: str = "image", caption_field: str = "caption"):
+                 image_field: str = "image", caption_field: str = "caption",
+                 class_space: ClassSpace = folder_class_space):
         self.root = os.fspath(root)
+        if not os.path.isdir(self.root):
+            raise DatasetNotFoundError(f"Image folder {self.root!r} does not exist. Expected a directory of images "
+                                       "with a captions.tsv, or with one sub-folder of images per class.")
         if captions_file is None:
             found = [p for p in ("captions.tsv", "captions.jsonl") if os.path.isfile(os.path.join(self.root, p))]
-            if not found:
-                raise FileNotFoundError(
-                    f"Expected a captions file in {self.root!r}: captions.tsv (`relative/path<TAB>caption` lines) "
-                    "or captions.jsonl (objects with image and caption fields); found neither. Pass "
-                    "captions_file= to use another file.")
-            captions_file = os.path.join(self.root, found[0])
-        self.captions_file = os.fspath(captions_file)
+            captions_file = os.path.join(self.root, found[0]) if found else None
+        self.captions_file = captions_file and os.fspath(captions_file)
+        self.classnames: tuple[str, ...] = ()
+        if self.captions_file is None:
+            self._field, self._entries = "label", self._class_folder_entries(class_space)
+        else:
+            self._field, self._entries = "caption", self._caption_entries(image_field, caption_field)
+        if not self._entries:
+            where = self.captions_file or f"no captions file, no {'/'.join(IMAGE_EXTENSIONS)} files"
+            raise DatasetNotFoundError(f"Image folder {self.root!r} lists no images ({where}).")
+
+    def _caption_entries(self, image_field: str, caption_field: str) -> list[tuple[str | None, str | None]]:
         if not self.captions_file.endswith((".tsv", ".jsonl")):
             raise ValueError(f"Expected a captions file ending in .tsv or .jsonl, found {self.captions_file!r}.")
         with open(self.captions_file, encoding="utf-8", errors="replace") as f:
             lines = [line.rstrip("\r\n") for line in f if line.strip()]
-        parse = self._parse_tsv if self.captions_file.endswith(".tsv") else self._parse_jsonl
-        self._entries = [parse(line, image_field, caption_field) for line in lines]
-        if not self._entries:
-            raise ValueError(f"Captions file {self.captions_file!r} lists no images.")
+        if self.captions_file.endswith(".tsv"):
+            return [(path or None, caption if tab else None) for path, tab, caption in
+                    (line.partition("\t") for line in lines)]
+        entries = []
+        for line in lines:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            path, caption = (obj.get(image_field), obj.get(caption_field)) if isinstance(obj, dict) else (None, None)
+            entries.append((path if isinstance(path, str) and path else None,
+                            caption if isinstance(caption, str) else None))
+        return entries
 
-    @staticmethod
-    def _parse_tsv(line: str, image_field: str, caption_field: str) -> tuple[str | None, str | None]:
-        path, tab, caption = line.partition("\t")
-        return path or None, caption if tab else None
-
-    @staticmethod
-    def _parse_jsonl(line: str, image_field: str, caption_field: str) -> tuple[str | None, str | None]:
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            return None, None
-        if not isinstance(obj, dict):
-            return None, None
-        path, caption = obj.get(image_field), obj.get(caption_field)
-        return (path if isinstance(path, str) and path else None,
-                caption if isinstance(caption, str) else None)
+    def _class_folder_entries(self, class_space: ClassSpace) -> list[tuple[str, int | None]]:
+        folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        folder_label, self.classnames = class_space(folders)
+        entries = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            relative = os.path.relpath(dirpath, self.root)
+            label = None if relative == "." else int(folder_label[relative.split(os.sep)[0]])
+            entries += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
+                        if f.lower().endswith(IMAGE_EXTENSIONS)]
+        return entries
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __repr__(self) -> str:
-        return f"ImageFolderSource({self.captions_file!r}, {len(self)} records)"
+        return f"ImageFolderSource({self.captions_file or self.root!r}, {len(self)} records)"
 
-    def __getitem__(self, index: SupportsIndex) -> ImageTextRecord:
+    def __getitem__(self, index: SupportsIndex) -> Record:
         i = _check_index(index, len(self))
-        path, caption = self._entries[i]
+        path, value = self._entries[i]
         full = os.path.join(self.root, path) if path is not None else None
-        return ImageTextRecord(i, full or f"{self.captions_file} entry {i}", full, caption)
+        record = {"index": i, "key": full or f"{self.captions_file} entry {i}", "image": full}
+        if value is not None or self._field == "caption":
+            record[self._field] = value
+        return record
 
 
 # --------------------------------------------------------------------------
-# tfds through ArrayRecord, no TensorFlow
+# tfds: ArrayRecord / Parquet by random access, TFRecord through TensorFlow
 # --------------------------------------------------------------------------
 
 
@@ -308,95 +341,194 @@ def _as_captions(value: Any) -> str | tuple[str, ...] | None:
     return None
 
 
+def _field_value(field: str, value: Any) -> Any:
+    """A tfds feature value as a record field: image bytes (None if empty), captions, ints, arrays."""
+    if field == "image":
+        return bytes(value) if isinstance(value, (bytes, np.bytes_)) and len(value) else None
+    if field == "caption":
+        return _as_captions(value)
+    value = np.asarray(value)
+    return int(value) if value.ndim == 0 and np.issubdtype(value.dtype, np.integer) else value
+
+
+def import_tensorflow(what: str) -> Any:
+    """TensorFlow for reading TFRecord files, kept off the accelerators JAX uses."""
+    try:
+        import tensorflow as tf
+    except ImportError as err:
+        raise ImportError(
+            f"{what} is prepared as TFRecord, which needs TensorFlow to read. Install the `tf` extra "
+            "(pip install 'clip-dalle-jax[tf]', i.e. tensorflow-cpu), or rebuild it for reading without "
+            "TensorFlow: `tfds build NAME --data_dir DIR --file_format array_record`.") from err
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow was initialised earlier in this process; its choice stands.
+        pass
+    return tf
+
+
 class TfdsSource:
-    """A tfds split with an image feature and a text feature, by random access.
+    """A prepared tfds split; `fields` maps record fields to features ("/" reaches into nested ones).
 
     Args:
       name: tfds builder name, optionally "name/config:version".
-      split: a split, optionally sliced ("train[:90%]").
+      split: a split, optionally sliced or combined ("train[:90%]", "test[2:]").
       data_dir: tfds data dir (None: tfds' default).
-      image_feature: the encoded image feature (kept undecoded, decoded by PIL
-        like every other source).
-      text_feature: the caption feature; "/" reaches into nested features
-        ("captions/text"). A sequence of captions gives one record with all
-        of them; training draws one per epoch.
+      fields: {record field: feature}; default {"image": "image", "caption":
+        "caption"}. `image` stays encoded (decoded by PIL like every other
+        source); `caption` may be a sequence of captions (training draws one
+        per epoch); other fields become ints or arrays.
+      download: what to fetch by hand, for the not-prepared message ("{data_dir}"
+        is filled in).
 
-    The dataset must be prepared as ArrayRecord (`tfds build NAME --file_format
-    array_record`): TFRecord files have no random access, so grain could not
-    shuffle or shard them.
+    ArrayRecord and Parquet preparations are read by random access through
+    `tfds.data_source`, without TensorFlow. TFRecord, tfds' default, has no
+    random access: it is read through TensorFlow (the `tf` extra) in chunks of
+    `TFRECORD_CHUNK` consecutive records, so reading in order (evaluation) is
+    sequential; `sequential` is then True and the pipeline refuses to shuffle it.
+    `classnames` are the names of a ClassLabel `label` feature ("_" -> " ").
     """
 
-    def __init__(self, name: str, *, split: str, data_dir: str | None = None, image_feature: str = "image",
-                 text_feature: str = "caption"):
-        import tensorflow_datasets as tfds
+    TFRECORD_CHUNK = 256
 
-        from clip_jax.eval_data import DatasetNotFoundError  # one error type for missing tfds data
-
+    def __init__(self, name: str, *, split: str, data_dir: str | None = None,
+                 fields: Mapping[str, str] | None = None,
+                 download: str = "put any files the tfds catalog says to download by hand in "
+                                 "{data_dir}/downloads/manual/"):
         self.name, self.split, self.data_dir = name, split, data_dir
-        self.image_feature, self.text_feature = image_feature, text_feature
+        self.fields = dict(fields or {"image": "image", "caption": "caption"})
         builder = tfds.builder(name, data_dir=data_dir)
+        root = os.fspath(builder.data_dir_root)
         if not builder.is_prepared():
-            root = builder.data_dir_root
             raise DatasetNotFoundError(
-                f"tfds dataset {name!r} (split {split!r}) is not prepared in data_dir {root!r}. Prepare it "
-                f"(network needed) with `tfds build {name} --data_dir {root} --file_format array_record`, after "
-                f"putting any files the tfds catalog says to download by hand in {root}/downloads/manual/; then "
-                "pass the same data_dir. ArrayRecord is read without TensorFlow.")
-        file_format = str(builder.info.file_format.value if builder.info.file_format else "tfrecord")
-        if file_format not in ("array_record", "parquet"):
-            raise ValueError(
-                f"{name} in {builder.data_dir} is prepared as {file_format}, which has no random access, so it "
-                f"cannot be shuffled and sharded by grain. Rebuild it: `tfds build {name} --data_dir "
-                f"{builder.data_dir_root} --file_format array_record`.")
-        features = builder.info.features
-        for feature in (image_feature, text_feature):
+                f"tfds dataset {name!r} (split {split!r}) is not prepared in data_dir {root!r}: no "
+                f"{os.path.join(os.fspath(builder.data_dir), 'dataset_info.json')}. To prepare it (network "
+                f"needed): {download.format(data_dir=root)}; then run `tfds build {name} --data_dir {root} "
+                "--file_format array_record` (read without TensorFlow), or drop --file_format for tfds' "
+                "TFRecord default (read with the `tf` extra), and pass the same data_dir.")
+        info = builder.info
+        unknown = [s for s in re.split(r"\+", split) if s.split("[", 1)[0].strip() not in info.splits]
+        if unknown:
+            raise DatasetNotFoundError(f"Split {split!r} of {name} is not prepared in {builder.data_dir}; "
+                                       f"prepared splits: {sorted(info.splits)}.")
+        for feature in self.fields.values():
             try:
-                _feature(features, feature)
+                _feature(info.features, feature)
             except (KeyError, TypeError):
-                raise ValueError(f"{name} has no feature {feature!r}; its features are {list(features.keys())}. "
-                                 "Pass image_feature= / text_feature= with the right names.") from None
-        self._length = builder.info.splits[split].num_examples
+                raise ValueError(f"{name} has no feature {feature!r}; its features are {list(info.features.keys())}. "
+                                 "Map record fields to its features with fields={field: feature}.") from None
+        label = _feature(info.features, self.fields["label"]) if "label" in self.fields else None
+        self.classnames = tuple(n.replace("_", " ") for n in getattr(label, "names", ()))
+        self.file_format = str(info.file_format.value if info.file_format else "tfrecord")
+        self.sequential = self.file_format not in ("array_record", "parquet")
+        if self.sequential:
+            import_tensorflow(f"{name} in {builder.data_dir}")
+            spans = tfds.core.ReadInstruction.from_spec(split).to_absolute(info.splits)
+            self._spans = [(s.splitname, s.from_ or 0, info.splits[s.splitname].num_examples if s.to is None else s.to)
+                           for s in spans]  # [from, to) of each split read, concatenated in this order
+        self._length = info.splits[split].num_examples
         self._data = None
+        self._chunks: collections.OrderedDict[int, list[dict]] = collections.OrderedDict()
+        self._lock = threading.Lock()
 
-    def _data_source(self) -> Any:
-        if self._data is None:  # opened lazily, so the source pickles into grain worker processes
-            import tensorflow_datasets as tfds
+    def __getstate__(self) -> dict[str, Any]:  # readers open lazily in each process (grain workers)
+        return {**self.__dict__, "_data": None, "_chunks": collections.OrderedDict(), "_lock": None}
 
-            decoders: dict[str, Any] = {}
-            node = decoders
-            *parents, leaf = self.image_feature.split("/")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = tfds.decode.SkipDecoding()
-            builder = tfds.builder(self.name, data_dir=self.data_dir)
-            self._data = builder.as_data_source(self.split, decoders=decoders)
-        return self._data
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_data": None}
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def __len__(self) -> int:
         return self._length
 
     def __repr__(self) -> str:
-        return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)"
+        return f"TfdsSource({self.name!r}, split={self.split!r}, {self.file_format}, {len(self)} records)"
 
-    def __getitem__(self, index: SupportsIndex) -> ImageTextRecord:
+    def _decoders(self) -> dict[str, Any]:
+        decoders: dict[str, Any] = {}
+        if "image" in self.fields:  # kept encoded
+            node = decoders
+            *parents, leaf = self.fields["image"].split("/")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = tfds.decode.SkipDecoding()
+        return decoders
+
+    def _tfrecord_chunk(self, chunk: int) -> list[dict]:
+        """Examples chunk * TFRECORD_CHUNK onwards, read in stored order through tf.data."""
+        start, stop = chunk * self.TFRECORD_CHUNK, min((chunk + 1) * self.TFRECORD_CHUNK, len(self))
+        instruction, offset = None, 0
+        for split, lo, hi in self._spans:  # the part of each span inside [start, stop)
+            a, b = max(start - offset, 0), min(stop - offset, hi - lo)
+            if a < b:
+                part = tfds.core.ReadInstruction(split, from_=lo + a, to=lo + b, unit="abs")
+                instruction = part if instruction is None else instruction + part
+            offset += hi - lo
+        ds = tfds.builder(self.name, data_dir=self.data_dir).as_dataset(instruction, decoders=self._decoders(), shuffle_files=False)
+        return list(tfds.as_numpy(ds))
+
+    def _example(self, i: int) -> dict:
+        if not self.sequential:
+            if self._data is None:
+                self._data = tfds.builder(self.name, data_dir=self.data_dir).as_data_source(self.split, decoders=self._decoders())
+            return self._data[i]
+        chunk = i // self.TFRECORD_CHUNK
+        with self._lock:  # grain's reader threads ask for neighbouring records at once
+            if chunk not in self._chunks:
+                self._chunks[chunk] = self._tfrecord_chunk(chunk)
+                while len(self._chunks) > 2:
+                    self._chunks.popitem(last=False)
+            return self._chunks[chunk][i - chunk * self.TFRECORD_CHUNK]
+
+    def __getitem__(self, index: SupportsIndex) -> Record:
         i = _check_index(index, len(self))
-        example = self._data_source()[i]
-        image = _feature(example, self.image_feature)
-        data = bytes(image) if isinstance(image, (bytes, np.bytes_)) and len(image) else None
-        return ImageTextRecord(i, f"{self.name}/{self.split}[{i}]", data,
-                               _as_captions(_feature(example, self.text_feature)))
+        example = self._example(i)
+        record = {"index": i, "key": f"{self.name}/{self.split}[{i}]"}
+        record.update((field, _field_value(field, _feature(example, feature)))
+                      for field, feature in self.fields.items())
+        return record
 
 
 # --------------------------------------------------------------------------
-# The built-in shapes dataset
+# array_record shards of precomputed fields
+# --------------------------------------------------------------------------
+
+
+class ArrayRecordSource:
+    """Records written by `writers.write_array_records`: msgpack dicts of arrays, strings and numbers.
+
+    Args:
+      paths: a directory (every `*.array_record` in it), a glob, or a list of
+        files; record order is file order, then write order. Lists come back
+        as tuples (several captions).
+    """
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
+        # array_record comes with tensorflow-datasets on Linux only.
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        self.paths = _expand_paths(paths, ".array_record", "as common.data.writers.write_array_records writes")
+        self._data = ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource({len(self.paths)} files from {self.paths[0]!r}, {len(self)} records)"
+
+    def __getitem__(self, index: SupportsIndex) -> Record:
+        i = _check_index(index, len(self))
+        fields = msgpack_restore(self._data[i])
+        record = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        return {**record, "index": i, "key": f"array_record[{i}]"}
+
+
+# --------------------------------------------------------------------------
+# In memory: the shapes dataset, lists of records
 # --------------------------------------------------------------------------
 
 
 class ShapesSource:
-    """`ShapesDataset` items as records: the rendered uint8 image and its caption."""
+    """`ShapesDataset` items as records: the rendered uint8 image, its caption, `shape_id` and `color_id`."""
 
     def __init__(self, dataset: ShapesDataset):
         self.dataset = dataset
@@ -407,14 +539,32 @@ class ShapesSource:
     def __repr__(self) -> str:
         return f"ShapesSource({self.dataset!r})"
 
-    def __getitem__(self, index: SupportsIndex) -> ImageTextRecord:
+    def __getitem__(self, index: SupportsIndex) -> Record:
         i = _check_index(index, len(self))
         item = self.dataset[i]
-        return ImageTextRecord(i, f"shapes/{self.dataset.split}[{i}]", item["image"], item["caption"])
+        return {"index": i, "key": f"shapes/{self.dataset.split}[{i}]", "image": item["image"],
+                "caption": item["caption"], "shape_id": item["shape_id"], "color_id": item["color_id"]}
+
+
+class ListSource:
+    """The given records (dicts of fields), with `index` and `key` added."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], name: str = "list"):
+        self.records, self.name = list(records), name
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"ListSource({self.name!r}, {len(self)} records)"
+
+    def __getitem__(self, index: SupportsIndex) -> Record:
+        i = _check_index(index, len(self))
+        return {"key": f"{self.name}[{i}]", **self.records[i], "index": i}
 
 
 def source_from_config(data_cfg: Any):
-    """The record source `config.data` names: shapes, tar (img2dataset shards), folder or tfds."""
+    """The record source `config.data` names: shapes, tar (img2dataset shards), folder, tfds or array_record."""
     kind = data_cfg.source
     if kind == "shapes":
         return ShapesSource(ShapesDataset(
@@ -426,6 +576,8 @@ def source_from_config(data_cfg: Any):
         return ImageFolderSource(data_cfg.root, captions_file=data_cfg.get("captions_file"))
     if kind == "tfds":
         return TfdsSource(data_cfg.name, split=data_cfg.split, data_dir=data_cfg.get("data_dir"),
-                          image_feature=data_cfg.get("image_feature", "image"),
-                          text_feature=data_cfg.get("text_feature", "caption"))
-    raise ValueError(f"config.data.source={kind!r}; expected one of 'shapes', 'tar', 'folder', 'tfds'.")
+                          fields=data_cfg.get("fields"))
+    if kind == "array_record":
+        return ArrayRecordSource(data_cfg.paths)
+    raise ValueError(f"config.data.source={kind!r}; expected one of 'shapes', 'tar', 'folder', 'tfds', "
+                     "'array_record'.")

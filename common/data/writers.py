@@ -1,10 +1,9 @@
-"""Write a captioned-image dataset to disk: image folders and webdataset tar shards.
+"""Write datasets to disk: image folders and webdataset tar shards of captioned images,
+array_record shards of precomputed fields.
 
-A dataset here is any random-access sequence of dicts with `image` (uint8
-(H, W, 3), (H, W, 1) or (H, W)), `caption` (str) and any number of
-JSON-serialisable labels, such as `common.data.shapes.ShapesDataset`.
-
-Two layouts:
+For the first two, a dataset is any random-access sequence of dicts with
+`image` (uint8 (H, W, 3), (H, W, 1) or (H, W)), `caption` (str) and any number
+of JSON-serialisable labels, such as `common.data.shapes.ShapesDataset`:
 
 * `write_image_folder`: `root/<class>/<key>.png` (torchvision ImageFolder /
   tfds `ImageFolder` style) plus `captions.tsv` (`relative/path<TAB>caption`)
@@ -12,6 +11,9 @@ Two layouts:
 * `write_tar_shards`: `shard-00000.tar`, ... in the webdataset / img2dataset
   layout: each example is the members `<key>.png|jpg`, `<key>.txt` (caption)
   and `<key>.json` (caption and labels), with `key` the zero-padded index.
+
+`write_array_records` stores any records of arrays, strings and numbers (e.g.
+caption token ids and int16 dVAE codes) for `sources.ArrayRecordSource`.
 
 Outputs are byte-for-byte reproducible (tar headers carry no time or owner),
 and every file is written under a temporary name and renamed into place, so an
@@ -25,10 +27,11 @@ import json
 import math
 import os
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flax.serialization import msgpack_serialize
 from PIL import Image
 from tqdm import tqdm
 
@@ -162,4 +165,43 @@ def write_tar_shards(dataset: Sequence[Mapping[str, Any]], out_dir: str | os.Pat
         os.replace(tmp, path)
         paths.append(path)
     progress.close()
+    return paths
+
+
+def write_array_records(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike,
+                        records_per_shard: int = 10_000, prefix: str = "records") -> list[str]:
+    """Writes `out_dir/<prefix>-00000.array_record`, ... and returns their paths.
+
+    Each record is a dict of numpy arrays (any dtype, e.g. int16 codes),
+    strings, bytes, numbers, or tuples of strings (stored as lists), packed
+    with msgpack (`flax.serialization`, which keeps dtype and shape) and
+    written with group_size 1, so `sources.ArrayRecordSource` reads any one
+    without its neighbours.
+    """
+    # array_record comes with tensorflow-datasets on Linux only.
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    if records_per_shard < 1:
+        raise ValueError(f"Expected records_per_shard >= 1, found {records_per_shard}.")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    paths: list[str] = []
+    writer = None
+    for n, record in enumerate(tqdm(records, desc=f"writing {out_dir}", unit="record", disable=None)):
+        if n % records_per_shard == 0:
+            if writer is not None:
+                writer.close()
+                os.replace(paths[-1] + ".tmp", paths[-1])
+            paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):05d}.array_record"))
+            writer = ArrayRecordWriter(paths[-1] + ".tmp", "group_size:1")
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in record.items()}
+        try:
+            writer.write(msgpack_serialize(fields))
+        except TypeError as err:
+            raise TypeError(f"Cannot store record {n} ({sorted(record)}): {err}. Expected numpy arrays, strings, "
+                            "bytes, numbers or tuples of strings.") from err
+    if writer is None:
+        raise ValueError("Expected at least one record to write, found none.")
+    writer.close()
+    os.replace(paths[-1] + ".tmp", paths[-1])
     return paths

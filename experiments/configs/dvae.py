@@ -69,14 +69,10 @@ def get_config(arg: str = "openai") -> ml_collections.ConfigDict:
     c.optim.grad_clip_norm = None  # the paper mentions no clipping for the dVAE
     c.optim.accum_steps = 1  # micro-batches per update (optax.MultiSteps)
 
-    c.data = ml_collections.ConfigDict()  # common.data.sources.source_from_config fields, plus the crop
+    c.data = ml_collections.ConfigDict()  # common.data.sources.source_from_config fields, plus workers
     c.data.source = "tar"  # "tar" (img2dataset shards), "folder", "tfds" or "shapes"
     c.data.shards = "/data/laion400m"  # a directory of .tar files, a glob, or a list of shards
     c.data.index_dir = None  # cache of per-shard member indices (None: index at start-up)
-    c.data.caption_field = "caption"  # records need a caption to be read, though the dVAE ignores it
-    # Square random crops of this fraction of the image area, resized to image_size: about the
-    # range of the paper's Listing 1 (a 256 crop of the image resized to 288..384 px keeps 44-79%).
-    c.data.crop_scale = (0.44, 0.79)
     c.data.workers = 8  # grain decoding processes per host
     c.eval_data = None  # held-out images (same fields as data) for MSE, PSNR and codebook usage
 
@@ -89,9 +85,9 @@ def get_config(arg: str = "openai") -> ml_collections.ConfigDict:
         c.trainer.update(global_batch_size=16, total_steps=300, log_every=25, eval_every=100, checkpoint_every=100,
                          ema_decay=0.0)
         c.optim.update(learning_rate=3e-3, warmup_steps=10, total_steps=300, end_lr_ratio=0.1)
-        # Shapes rendered at the training size, whole images (no crop), as in evaluation.
+        # Shapes rendered at the training size: the paper's augmentation then only flips them.
         c.data = ml_collections.ConfigDict(dict(source="shapes", split="train", num_examples=2048, render_size=32,
-                                                crop_scale=None, workers=0))
+                                                workers=0))
         c.eval_data = ml_collections.ConfigDict(dict(source="shapes", split="validation", num_examples=64,
                                                      render_size=32, workers=0))
     return c

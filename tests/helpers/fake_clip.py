@@ -1,8 +1,8 @@
 """A CLIP bundle whose answers are known by construction, for evaluation tests.
 
 Images are solid colours whose red channel is `CODE_STEP * code`; `encode_image`
-undoes CLIP preprocessing, reads `code` back and returns row `code` of an
-image-feature table the test chooses. `encode_text` is a bag of words: the sum
+reads `code` back from uint8 pixels (or from CLIP-normalised floats) and returns
+row `code` of an image-feature table the test chooses. `encode_text` is a bag of words: the sum
 of the vectors of the (single-token) words in the prompt, times the product of
 their scales. Both are jnp functions, so they run on sharded batches, and they
 record what they were given.
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from common.images import CLIP_MEAN, CLIP_STD, clip_preprocess
+from common.images import CLIP_MEAN, CLIP_STD
 from common.tokenizers.clip_bpe import tokenize
 
 CODE_STEP = 20  # red-channel levels per code: codes 0 .. 12
@@ -54,12 +54,10 @@ class FakeClip:
     def tokenize(self, texts):
         return tokenize(texts)
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        return clip_preprocess(image, self.image_size)
-
     def encode_image(self, images: jax.Array) -> jax.Array:
         self.image_calls.append((tuple(images.shape), len(images.sharding.device_set)))
-        red = images[..., 0].mean(axis=(1, 2)) * CLIP_STD[0] + CLIP_MEAN[0]  # (B,) in [0, 1]
+        red = images[..., 0].mean(axis=(1, 2))
+        red = red / 255 if images.dtype == jnp.uint8 else red * CLIP_STD[0] + CLIP_MEAN[0]  # (B,) in [0, 1]
         code = jnp.clip(jnp.round(red * 255 / CODE_STEP), 0, len(self.image_table) - 1).astype(jnp.int32)
         return self.image_table[code]
 
