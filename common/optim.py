@@ -52,7 +52,7 @@ class OptimConfig:
         checks = [
             (self.learning_rate > 0, "learning_rate > 0"),
             (self.total_steps > 0, "total_steps > 0"),
-            (0 <= self.warmup_steps <= self.total_steps, "0 <= warmup_steps <= total_steps"),
+            (0 <= self.warmup_steps < self.total_steps, "0 <= warmup_steps < total_steps"),
             (0.0 <= self.end_lr_ratio <= 1.0, "0 <= end_lr_ratio <= 1"),
             (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "0 <= b1, b2 < 1"),
             (self.eps > 0, "eps > 0"),

@@ -1,4 +1,5 @@
-"""Multi-host training: two real processes on localhost form one 4-device mesh.
+"""Multi-host training: two real processes on localhost form one 4-device mesh;
+and the README's two-process command runs the CLIP smoke recipe to its summary.
 
 Each worker (tests/helpers/multihost_worker.py) joins the cluster through
 `jax.distributed.initialize` (CPU collectives over gloo), owns 2 simulated
@@ -13,6 +14,8 @@ Within the multi-host run, resuming is bitwise exact.
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 N_PROCESSES = 2
 TOTAL_DEVICES = 4  # simulated CPU devices, split evenly over the processes
 TIMEOUT_S = 150  # per launch; a hung collective fails the test instead of the suite
+README_TIMEOUT_S = 400  # the README's command: 50 CLIP smoke steps, then zero-shot on two shapes splits
 # Variables that make `initialize_distributed` join some other cluster.
 _CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_",
                  "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -149,3 +153,38 @@ def test_two_processes_train_like_one(tmp_path, start_workers):
         assert sorted(got) == sorted(expected)
         for key in expected:
             np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-7, err_msg=f"{multi_name} {key}")
+
+
+def test_readme_two_process_command_runs_clip_to_its_summary(tmp_path):
+    """The README's multi-host block, as written (only the port, the workdir and the interpreter are
+    this test's): training, checkpoints and the end-of-training zero-shot evaluation on FSDP-sharded
+    parameters that span both processes' devices."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- tests/test_multihost.py runs this block as it is -->\n```bash\n(.*?)```", readme, re.S)
+    assert block, "README.md lost its multi-host block (the marker comment and a bash fence after it)"
+    script = (block.group(1).replace("localhost:12355", f"localhost:{_free_port()}")
+              .replace("runs/two_processes", str(tmp_path / "run")).replace(".venv/bin/python", sys.executable))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_VARS) and k != "XLA_FLAGS"}
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=README_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # bash and both python processes
+            proc.wait()
+            pytest.fail(f"the README's command timed out after {README_TIMEOUT_S} s:\n{_tail(log_path)}")
+    output = log_path.read_text(errors="replace")
+    # Both processes print the summary when they finish; process 0 writes it.
+    assert output.count('"steps": 50') == 2, _tail(log_path)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 50 and summary["mesh"]["fsdp"] == 8 and not summary["preempted"]
+    for split in ("shapes_validation", "shapes_heldout"):
+        assert summary[split]["step"] == 50
+        assert 0.0 <= summary[split]["zeroshot_color_top1"] <= 1.0, summary[split]
+        assert 0.0 <= summary[split]["retrieval_image_to_text_R@1"] <= 1.0, summary[split]
+    saved = ckpt.CheckpointManager(tmp_path / "run" / "checkpoints")
+    assert saved.latest_step() == 50
+    assert len(saved.restore_metadata(50)["data_state"]) == N_PROCESSES
+    saved.close()
