@@ -35,6 +35,8 @@ from common.images import save_image_grid
 from common.metrics import configure_logging
 from common.tokenizers import clip_bpe
 from common.tokenizers.sentencepiece import train_bpe
+from experiments import train_clip
+from experiments.configs.clip_vit_b32 import get_config
 
 log = logging.getLogger("demo")
 
@@ -96,9 +98,6 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("data: %s", {k: v for k, v in data_summary.items() if k != "heldout_combinations"})
     summary["text"] = stage_text(workdir, captions)
     log.info("text: %s", summary["text"])
-    from experiments import train_clip  # noqa: PLC0415  (pulls in jax only for this stage)
-    from experiments.configs.clip_vit_b32 import get_config  # noqa: PLC0415
-
     config = get_config("smoke")
     config.data = dict(source="tar", shards=str(workdir / "data" / "train_shards"), crop_scale=(0.9, 1.0), workers=0)
     if args.steps:

@@ -81,7 +81,8 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
         c.model.embed_dim = 64
         c.trainer.update(global_batch_size=64, total_steps=400, mesh="data_parallel", log_every=20,
                          eval_every=0, checkpoint_every=100, async_checkpoints=True)
-        c.optim.update(learning_rate=2e-3, warmup_steps=40, weight_decay=0.05)
+        c.optim.update(learning_rate=2e-3, weight_decay=0.05)
+        c.optim.warmup_steps = c.trainer.get_ref("total_steps") // 10  # 40; follows --config.trainer.total_steps
         c.data = ml_collections.ConfigDict(dict(source="shapes", split="train", num_examples=20_000, render_size=32,
                                                 crop_scale=(0.9, 1.0), workers=0))
         c.zeroshot_shapes = ml_collections.ConfigDict(dict(splits=("validation", "heldout"), num_examples=512,
