@@ -16,6 +16,7 @@ import torch
 from jax.sharding import PartitionSpec as P
 
 from common import sharding
+from common.images import normalize_rgb
 
 from clip_jax.convert import (
     from_scanned,
@@ -192,6 +193,17 @@ def test_inputs_of_the_wrong_shape_are_rejected(openai_small):
             model.apply(variables, np.zeros((1, 3, size, size)), method=CLIP.encode_image)  # NCHW
     with pytest.raises(ValueError, match=r"expected token ids of shape \(batch, <= 77\), found \(1, 78\)"):
         model.apply(variables, np.zeros((1, 78), np.int32), method=CLIP.encode_text)
+
+
+def test_uint8_pixels_are_normalised_on_the_device(openai_small):
+    """uint8 images (what the data pipeline serves) encode as the same pixels CLIP-normalised on the host."""
+    for name in SMALL:
+        cfg, _, variables = openai_small[name]
+        size = cfg.vision.image_size
+        pixels = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), np.uint8)
+        on_device = CLIP(cfg).apply(variables, pixels, method=CLIP.encode_image)
+        on_host = CLIP(cfg).apply(variables, normalize_rgb(pixels), method=CLIP.encode_image)
+        np.testing.assert_allclose(on_device, on_host, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 # --- parity with Hugging Face transformers.CLIPModel ----------------------------------
