@@ -200,6 +200,10 @@ def test_tfds_source_array_record_without_tensorflow_tfrecord_for_evaluation(sha
     tfrecord = sources.TfdsSource("tiny_captions", split="train[2:]", data_dir=str(tmp_path / "tfrecord"),
                                   fields={"image": "image", "caption": "alt"})
     assert tfrecord.sequential and [tfrecord[i] for i in (7, 0, 3)] == [alt[i] for i in (7, 0, 3)]
+    small_chunks = sources.TfdsSource("tiny_captions", split="train[:3]+train[4:]", data_dir=str(tmp_path / "tfrecord"))
+    small_chunks.TFRECORD_CHUNK = 2  # chunk boundaries inside and across the two parts of the split
+    full = sources.TfdsSource("tiny_captions", split="train", data_dir=data_dir)
+    assert [small_chunks[i]["image"] for i in range(9)] == [full[i]["image"] for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)]
     with pytest.raises(ValueError, match="no random access.*--file_format array_record"):
         _pipe(tfrecord)
 
