@@ -68,7 +68,8 @@ class Task(Protocol):
     gradient accumulation several steps share one), and `new_model_state` is
     None unless the task updates non-trainable collections (BatchNorm
     statistics). `eval_metrics(params, model_state, batch)` returns a dict of
-    batch-mean metrics.
+    means over the batch's real rows: those where `batch["valid"]` is True
+    when an evaluation pipeline padded its last batch.
     """
 
     def init(self, rng: jax.Array) -> Mapping[str, Any]: ...
@@ -177,6 +178,12 @@ def train_step(state: TrainState, batch: Batch, *, task: Task, tx: optax.Gradien
     )
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
     return state, metrics
+
+
+def eval_step(params: Any, model_state: Any, batch: Batch, *, task: Task) -> tuple[Metrics, jax.Array]:
+    """The task's eval metrics of one batch and the number of real rows they average."""
+    rows = jnp.sum(batch["valid"]) if "valid" in batch else jnp.asarray(jax.tree.leaves(batch)[0].shape[0])
+    return task.eval_metrics(params, model_state, batch), rows
 
 
 def create_train_state(task: Task, tx: optax.GradientTransformation, rng: jax.Array, *,
@@ -303,11 +310,11 @@ class Trainer:
         return self._train_step
 
     def compiled_eval_step(self, batch: Batch) -> Callable:
-        """`(params, model_state, batch) -> metrics`, the task's `eval_metrics` on the mesh."""
+        """`eval_step` on the mesh: `(params, model_state, batch) -> (metrics, real rows)`."""
         if self._eval_step is None:
             # Eval never donates: the state lives on.
             self._eval_step = jax.jit(
-                self.task.eval_metrics,
+                functools.partial(eval_step, task=self.task),
                 in_shardings=(self.state_shardings.params, self.state_shardings.model_state,
                               self._batch_shardings(batch)),
                 out_shardings=sharding.replicated(self.mesh),
@@ -348,18 +355,20 @@ class Trainer:
         return self.state.params if self.state.ema_params is None else self.state.ema_params
 
     def metrics_evaluator(self, batches: Callable[[], Iterator[Batch]]) -> Evaluator:
-        """An evaluator averaging the task's `eval_metrics` over one pass of `batches()`."""
+        """An evaluator averaging the task's `eval_metrics` over one pass of `batches()`, each batch
+        weighted by its real rows, so a padded last batch (`valid`) counts each example once."""
 
         def evaluate(params: Any, model_state: Any) -> dict[str, float]:
             totals: dict[str, float] = {}
             count = 0
             for host_batch in batches():
                 batch = sharding.shard_batch(host_batch, self.mesh)
-                m = jax.device_get(self.compiled_eval_step(batch)(params, model_state, batch))
-                for k, v in m.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-                count += 1
-            return {k: v / max(count, 1) for k, v in totals.items()}
+                metrics, rows = jax.device_get(self.compiled_eval_step(batch)(params, model_state, batch))
+                if rows:  # an all-padding batch has no (finite) means
+                    for k, v in metrics.items():
+                        totals[k] = totals.get(k, 0.0) + float(v) * int(rows)
+                    count += int(rows)
+            return {k: v / count for k, v in totals.items()}
 
         return evaluate
 

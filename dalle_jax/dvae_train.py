@@ -151,11 +151,14 @@ class DVAETask:
         return codes, stats_to_pixels(self.model.apply(variables, codes, method=DVAE.decode))
 
     def eval_metrics(self, params, model_state, batch):
-        """Batch means of the squared error and of the PSNR (peak 1) per image, through argmax codes."""
+        """Means over the real rows (`valid`) of the squared error and of the PSNR (peak 1) per image,
+        through argmax codes."""
         _, rec = self.reconstruct(params, batch["image"])
         mse = jnp.mean(jnp.square(rec - _unit_interval(batch["image"])), axis=(1, 2, 3))  # (B,)
         psnr = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
-        return {"mse": jnp.mean(mse), "psnr": jnp.mean(psnr)}
+        weights = batch.get("valid", jnp.ones(mse.shape, bool)).astype(jnp.float32)  # (B,)
+        mean = lambda x: jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)  # noqa: E731
+        return {"mse": mean(mse), "psnr": mean(psnr)}
 
 
 def codebook_stats(code_counts: np.ndarray) -> dict[str, float]:

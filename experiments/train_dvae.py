@@ -38,20 +38,22 @@ def make_task(config: ml_collections.ConfigDict) -> DVAETask:
 
 def codebook_usage(task: DVAETask, params: Any, batches: Iterator[dict[str, np.ndarray]], mesh: Any,
                    num_images: int) -> tuple[dict[str, float], np.ndarray]:
-    """Code perplexity and dead codes over all `batches`, and a grid: the first `num_images`
-    originals of the first batch above their reconstructions, (2 n, H, W, C) in [0, 1]."""
+    """Code perplexity and dead codes over the real rows (`valid`) of all `batches`, and a grid: the
+    first `num_images` originals of the first batch above their reconstructions, (2 n, H, W, C) in [0, 1]."""
 
     vocab = task.model.config.vocab_size
 
-    def count_and_reconstruct(params, images):
+    def count_and_reconstruct(params, images, valid):
         codes, rec = task.reconstruct(params, images)
-        return jnp.zeros(vocab, jnp.int32).at[codes.ravel()].add(1), rec  # (vocab,), (B, H, W, C)
+        real = jnp.broadcast_to(valid[:, None, None], codes.shape).astype(jnp.int32)  # padded rows count 0
+        return jnp.zeros(vocab, jnp.int32).at[codes.ravel()].add(real.ravel()), rec  # (vocab,), (B, H, W, C)
 
     step = jax.jit(count_and_reconstruct, out_shardings=(sh.replicated(mesh), sh.batch_sharding(mesh, 4)))
     counts, grid = np.zeros(vocab, np.int64), None
     with sh.use_mesh(mesh):
         for host_batch in batches:
-            batch_counts, rec = step(params, sh.shard_batch(host_batch["image"], mesh))
+            valid = host_batch.get("valid", np.ones(len(host_batch["image"]), bool))
+            batch_counts, rec = step(params, *sh.shard_batch((host_batch["image"], valid), mesh))
             counts += np.asarray(jax.device_get(batch_counts))
             if grid is None:
                 # Rows of every process in process order: the first ones are process 0's, which writes the grid.
@@ -102,7 +104,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     if eval_source is not None:
         def eval_batches():
             return make_pipeline(eval_source, dvae_transform(config.image_size, train=False),
-                                 global_batch_size=batch_size, train=False, num_epochs=1,
+                                 global_batch_size=batch_size, train=False, num_epochs=1, pad_last_batch=True,
                                  worker_count=config.eval_data.get("workers", 0))
 
         evaluators["eval"] = reconstruction_evaluator(trainer, task, eval_batches, workdir / "reconstructions.png",

@@ -48,6 +48,24 @@ def test_trainer_learns_and_logs(tmp_path):
     trainer.close()
 
 
+def test_metrics_evaluator_counts_each_real_row_once(tmp_path):
+    """A padded last batch (4 real rows of 16) and an all-padding one weigh by their real rows."""
+    trainer = _trainer(tmp_path, steps=1)
+    data = RegressionData(16, seed=3)
+    full, last = next(data), next(data)
+    padded = {k: np.where((np.arange(16) < 4).reshape(-1, *[1] * (v.ndim - 1)), v, 0.0).astype(np.float32)
+              for k, v in last.items()}  # rows 4.. zeroed, as padding
+    batches = [dict(full, valid=np.ones(16, bool)), dict(padded, valid=np.arange(16) < 4),
+               dict(padded, valid=np.zeros(16, bool))]
+    with sharding.use_mesh(trainer.mesh):
+        got = trainer.metrics_evaluator(lambda: iter(batches))(trainer.state.params, trainer.state.model_state)
+    x = np.concatenate([full["x"], last["x"][:4]])
+    y = np.concatenate([full["y"], last["y"][:4]])
+    pred = trainer.task.model.apply({"params": jax.device_get(trainer.state.params)}, x)
+    np.testing.assert_allclose(got["mse"], np.mean((pred - y) ** 2), rtol=1e-5)
+    trainer.close()
+
+
 def test_state_is_sharded_and_donated(tmp_path):
     trainer = _trainer(tmp_path, steps=1, mesh="fsdp_tp")
     kernel = trainer.state.params["fc1"]["kernel"]

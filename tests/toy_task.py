@@ -39,7 +39,8 @@ class RegressionTask:
 
     def eval_metrics(self, params, model_state, batch):
         pred = self.model.apply({"params": params}, batch["x"])
-        return {"mse": jnp.mean((pred - batch["y"]) ** 2)}
+        weights = batch.get("valid", jnp.ones(pred.shape, bool)).astype(jnp.float32)  # padded rows: 0
+        return {"mse": jnp.sum(weights * (pred - batch["y"]) ** 2) / jnp.maximum(jnp.sum(weights), 1.0)}
 
 
 class RegressionData:
