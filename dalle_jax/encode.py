@@ -15,6 +15,7 @@ stored as int16 (codebooks up to 32,768) with their (h, w) shape.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from common import sharding
 from common.data.pipeline import make_pipeline
 from common.data.sources import ImageFolderSource, TarShardSource
-from common.data.transforms import CenterCrop, DecodeImage, Select
+from common.data.transforms import CenterCrop, DecodeImage, Select, SkipRecord
 from common.data.writers import write_array_records
 from common.metrics import configure_logging, progress_bar
 from dalle_jax.api import encode_to_codes, load_dvae
@@ -35,11 +36,21 @@ from dalle_jax.api import encode_to_codes, load_dvae
 EncodeFn = Callable[[jax.Array], jax.Array]  # uint8 (B, S, S, 3) -> int (B, h, w), jittable
 
 
+def captions_as_json(record: dict, rng: np.random.Generator) -> dict:
+    """caption (one string or several) -> "captions": a JSON list, which batches as one string per record."""
+    caption = record.get("caption")
+    if caption is None or not any(c.strip() for c in ((caption,) if isinstance(caption, str) else caption)):
+        raise SkipRecord("missing_caption", f"{record.get('key')}: no usable caption")
+    return {**record, "captions": json.dumps([caption] if isinstance(caption, str) else list(caption))}
+
+
 def encoded_records(source: Any, encode: EncodeFn, *, image_size: int, global_batch_size: int,
                     mesh: jax.sharding.Mesh) -> Iterator[dict[str, Any]]:
-    """{"caption": str, "codes": int16 (h, w), "source_index": int64} for every usable record of this host."""
+    """{"caption": str or tuple of str, "codes": int16 (h, w), "source_index": int64} for every usable
+    record of this host; records without a caption are skipped and counted."""
     sharding.check_batch_divisible(global_batch_size, mesh)
-    batches = make_pipeline(source, [DecodeImage(), CenterCrop(image_size), Select("image", "caption", "index")],
+    transform = [captions_as_json, DecodeImage(), CenterCrop(image_size), Select("image", "captions", "index")]
+    batches = make_pipeline(source, transform,
                             global_batch_size=global_batch_size, train=False, num_epochs=1, pad_last_batch=True)
     step = jax.jit(encode, out_shardings=sharding.batch_sharding(mesh, 3))
     bar = progress_bar(batches.num_batches, "encoding", enabled=None if jax.process_index() == 0 else False)
@@ -48,7 +59,8 @@ def encoded_records(source: Any, encode: EncodeFn, *, image_size: int, global_ba
             codes = step(sharding.shard_batch(batch["image"], mesh))  # (B, h, w), split over the batch axes
             codes = np.asarray(multihost_utils.global_array_to_host_local_array(codes, mesh, P(sharding.BATCH_AXES)))
             for row in np.flatnonzero(batch["valid"]):
-                yield {"caption": str(batch["caption"][row]), "codes": codes[row].astype(np.int16),
+                captions = tuple(json.loads(str(batch["captions"][row])))
+                yield {"caption": captions[0] if len(captions) == 1 else captions, "codes": codes[row].astype(np.int16),
                        "source_index": np.int64(batch["index"][row])}
             bar.update(1)
     bar.close()

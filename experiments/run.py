@@ -25,6 +25,7 @@ from common.metrics import configure_logging
 TASKS = {
     "clip": "experiments.train_clip:run",
     "dvae": "experiments.train_dvae:train",
+    "dalle": "experiments.train_dalle:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, optionally with ':arg'.", lock_config=True)

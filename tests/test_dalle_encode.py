@@ -10,7 +10,7 @@ from PIL import Image
 
 from common import sharding
 from common.data.shapes import ShapesConfig, ShapesDataset
-from common.data.sources import ArrayRecordSource, ImageFolderSource
+from common.data.sources import ArrayRecordSource, ImageFolderSource, ListSource
 from common.data.writers import write_image_folder
 from dalle_jax.api import encode_to_codes
 from dalle_jax.dvae import DVAE, DVAEConfig
@@ -49,3 +49,15 @@ def test_codes_round_trip_through_array_records(folder, tmp_path):
         expected = encode_to_codes(params, jnp.asarray(pixels), config=CONFIG)[0]
         np.testing.assert_array_equal(record["codes"], expected)
     assert sorted(int(source[i]["source_index"]) for i in range(N)) == list(range(N))
+
+
+def test_several_captions_are_kept_and_caption_less_records_skipped(tmp_path):
+    images = ShapesDataset("train", 3, ShapesConfig(image_size=SIZE))
+    records = [{"index": 0, "key": "a", "image": images[0]["image"], "caption": ("one", "two")},
+               {"index": 1, "key": "b", "image": images[1]["image"], "caption": None},
+               {"index": 2, "key": "c", "image": images[2]["image"], "caption": "three"}]
+    encode = lambda x: jnp.zeros((x.shape[0], 2, 2), jnp.int32)  # noqa: E731
+    write_code_shards(ListSource(records), encode, str(tmp_path), image_size=SIZE, global_batch_size=8,
+                      mesh=sharding.make_mesh("data_parallel"))
+    source = ArrayRecordSource(str(tmp_path))
+    assert [source[i]["caption"] for i in range(len(source))] == [("one", "two"), "three"]
