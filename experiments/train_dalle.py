@@ -4,13 +4,16 @@
 calls. Data are array_record shards of (caption, codes) from `python -m dalle_jax.encode` and a
 SentencePiece model; with `data.source = "shapes"` (smoke runs) the driver first renders the
 shapes splits, trains the tokenizer on their captions and encodes them with the dVAE of
-`config.dvae.workdir`, once, under `workdir/data`. Evaluators: the eval loss, and a grid of
+the stage-1 dVAE (trained in `workdir/dvae` unless `config.dvae.workdir` names a finished run), once,
+under `workdir/data`. `workdir/run.json` records the model, tokenizer and dVAE for
+`python -m dalle_jax.generate --checkpoint workdir`. Evaluators: the eval loss, and a grid of
 samples for `config.samples.captions` decoded by that dVAE (`samples.png`). Everything here runs
 on every host of a multi-host job.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +33,9 @@ from common.metrics import plot_curves
 from common.tokenizers.sentencepiece import SentencePieceTokenizer, train_bpe
 from common.trainer import Evaluator, Trainer
 from dalle_jax.api import decode_to_images
+from dalle_jax.dvae import DVAEConfig
 from dalle_jax.encode import dvae_encoder, write_code_shards
+from dalle_jax.generate import RUN_FILE, restore_eval_params
 from dalle_jax.sample import sample_image_tokens
 from dalle_jax.train import DALLETask
 from dalle_jax.variants import DALLEConfig, decode_variant
@@ -48,27 +53,33 @@ def make_task(config: Any) -> DALLETask:
                      remat=m.remat, scan_layers=m.scan_layers)
 
 
-def load_dvae_run(dvae_cfg: Any, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-    """(DVAEConfig, evaluation params {"encoder", "decoder"}) of the latest checkpoint of a dVAE run."""
-    workdir = Path(dvae_cfg.workdir)
-    if not (workdir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"No dVAE checkpoints in {workdir}/checkpoints. Train stage 1 first: "
-                                f"python -m experiments.run --config experiments/configs/dvae.py:{dvae_cfg.config} "
-                                f"--workdir {workdir}")
-    config = dvae_configs.get_config(dvae_cfg.config)
-    trainer = Trainer(train_dvae.make_task(config), config.trainer, config.optim, workdir, mesh=mesh)
-    step = trainer.restore_if_any(None)
-    params = trainer.eval_params
-    trainer.close()
-    if step == 0:
-        raise FileNotFoundError(f"The dVAE run in {workdir} has no finished checkpoint.")
-    return trainer.task.model.config, params
+def dvae_run(config: Any, workdir: Path, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """The stage-1 dVAE: `config.dvae.workdir`, or, when that is None, trained in `workdir/dvae` with
+    experiments/configs/dvae.py:<config.dvae.config> (reused once finished; resumed if interrupted).
+
+    Returns its run record: workdir, model, loss, image_size, trainer and optim configs, and the
+    evaluation parameters ("params", not written to run.json).
+    """
+    dvae_config = dvae_configs.get_config(config.dvae.config)
+    if config.dvae.get("total_steps"):
+        dvae_config.trainer.total_steps = config.dvae.total_steps
+    dvae_workdir = Path(config.dvae.workdir) if config.dvae.workdir else workdir / "dvae"
+    if config.dvae.workdir is None:
+        train_dvae.train(dvae_config, dvae_workdir)
+    elif not (dvae_workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"No dVAE checkpoints in {dvae_workdir}/checkpoints. Train stage 1 first "
+                                f"(experiments/configs/dvae.py:{config.dvae.config}), or leave dvae.workdir unset "
+                                "to train it inside this run's workdir.")
+    task = train_dvae.make_task(dvae_config)
+    record = {"workdir": str(dvae_workdir.resolve()), "model": dataclasses.asdict(task.model.config),
+              "loss": dict(dvae_config.loss), "image_size": dvae_config.image_size,
+              "trainer": dvae_config.trainer.to_dict(), "optim": dvae_config.optim.to_dict()}
+    return {**record, "params": restore_eval_params(task, record, dvae_workdir, mesh)}
 
 
-def prepare_shapes(config: Any, workdir: Path, dvae: tuple[Any, Any], image_size: int,
-                   mesh: jax.sharding.Mesh) -> dict[str, str]:
+def prepare_shapes(config: Any, workdir: Path, dvae: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, str]:
     """Renders, tokenizes and encodes the shapes splits once (smoke runs); returns their paths."""
-    dvae_config, dvae_params = dvae
+    dvae_config, image_size = DVAEConfig(**dvae["model"]), dvae["image_size"]
     data_dir = workdir / "data"
     paths = {"tokenizer": str(data_dir / "bpe.model")}
     splits = {"train": config.data, "eval": config.get("eval_data")}
@@ -80,7 +91,7 @@ def prepare_shapes(config: Any, workdir: Path, dvae: tuple[Any, Any], image_size
         if out.is_dir() and any(out.glob("*.array_record")):
             continue
         dataset = shapes.ShapesDataset(data_cfg.split, data_cfg.num_examples, shapes.ShapesConfig(image_size=image_size))
-        write_code_shards(ShapesSource(dataset), dvae_encoder(dvae_params["encoder"], dvae_config), str(out),
+        write_code_shards(ShapesSource(dataset), dvae_encoder(dvae["params"]["encoder"], dvae_config), str(out),
                           image_size=image_size, global_batch_size=sharding.batch_axis_size(mesh) * 8, mesh=mesh)
         if name == "train" and not Path(paths["tokenizer"]).exists() and jax.process_index() == 0:
             captions = (dataset[i]["caption"] for i in range(len(dataset)))
@@ -94,19 +105,19 @@ def dalle_transform(tokenizer: SentencePieceTokenizer, text_len: int, *, train: 
     return Compose((Tokenize(tokenizer, text_len, random_caption=train), Select("text", "codes")))
 
 
-def samples_evaluator(task: DALLETask, tokenizer: SentencePieceTokenizer, dvae: tuple[Any, Any], samples: Any,
+def samples_evaluator(task: DALLETask, tokenizer: SentencePieceTokenizer, dvae: dict[str, Any], samples: Any,
                       path: Path, seed: int) -> Evaluator:
     """Samples `per_caption` images for each caption, decodes them with the dVAE, writes a labelled grid."""
     captions: Sequence[str] = list(samples.captions)
     cfg = task.config
     text = np.repeat(tokenizer.encode_batch(captions, cfg.text_len, truncate=True), samples.per_caption, axis=0)
-    dvae_config, dvae_params = dvae
+    dvae_config, decoder = DVAEConfig(**dvae["model"]), dvae["params"]["decoder"]
 
     def evaluate(params: Any, model_state: Any) -> dict[str, float]:
         codes = sample_image_tokens(task.model, params, jnp.asarray(text), jax.random.key(seed),
                                     guidance_scale=samples.guidance_scale, top_k=samples.top_k,
                                     temperature=samples.temperature)  # (C n, N)
-        images = decode_to_images(dvae_params["decoder"], codes.reshape(-1, cfg.image_h, cfg.image_w),
+        images = decode_to_images(decoder, codes.reshape(-1, cfg.image_h, cfg.image_w),
                                   config=dvae_config)
         if jax.process_index() == 0:
             labels = [c for c in captions for _ in range(samples.per_caption)]
@@ -123,11 +134,12 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     mesh = sharding.make_mesh(config.trainer.mesh)
     task = make_task(config)
     cfg = task.config
-    dvae = load_dvae_run(config.dvae, mesh) if config.dvae.workdir else None
+    dvae = dvae_run(config, workdir, mesh)
+    if dvae["image_size"] != cfg.image_h * DVAEConfig(**dvae["model"]).downsample:
+        raise ValueError(f"The dVAE turns {dvae['image_size']} px images into codes of another grid than the "
+                         f"model's {cfg.image_h} x {cfg.image_w}; set model.overrides.image_h/image_w to match.")
     if config.data.source == "shapes":
-        if dvae is None:
-            raise ValueError("data.source='shapes' encodes the shapes data with a trained dVAE: set dvae.workdir.")
-        paths = prepare_shapes(config, workdir, dvae, cfg.image_h * dvae[0].downsample, mesh)
+        paths = prepare_shapes(config, workdir, dvae, mesh)
     elif config.data.source == "codes":
         paths = {"train": config.data.codes, "tokenizer": config.data.tokenizer}
         if config.get("eval_data") is not None:
@@ -140,6 +152,11 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
                          f"vocabulary is {cfg.text_vocab}; set --config.model.overrides.text_vocab.")
     trainer = Trainer(task, config.trainer, config.optim, workdir, mesh=mesh)
     batch_size = trainer.cfg.global_batch_size
+    if jax.process_index() == 0:  # what `python -m dalle_jax.generate --checkpoint workdir` restores
+        record = {"model": dataclasses.asdict(cfg), "tokenizer": str(Path(paths["tokenizer"]).resolve()),
+                  "trainer": config.trainer.to_dict(), "optim": config.optim.to_dict(),
+                  "dvae": {k: v for k, v in dvae.items() if k != "params"}}
+        (workdir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
 
     def batches(path: str, train: bool) -> pipeline.RecordIterator:
         return pipeline.make_pipeline(ArrayRecordSource(path), dalle_transform(tokenizer, cfg.text_len, train=train),
@@ -150,7 +167,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     evaluators: dict[str, Evaluator] = {}
     if "eval" in paths:
         evaluators["eval"] = trainer.metrics_evaluator(lambda: batches(paths["eval"], train=False))
-    if dvae is not None and config.samples.captions:
+    if config.samples.captions:
         evaluators["samples"] = samples_evaluator(task, tokenizer, dvae, config.samples, workdir / "samples.png",
                                                   trainer.cfg.seed)
     result = trainer.fit(data, evaluators)

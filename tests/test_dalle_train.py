@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import generate
 from dalle_jax.train import drop_captions
-from experiments import train_dalle, train_dvae
+from experiments import train_dalle
 from experiments.configs import dalle as dalle_configs
-from experiments.configs import dvae as dvae_configs
 
 
 def test_caption_dropout_empties_whole_captions_at_the_rate():
@@ -20,14 +20,10 @@ def test_caption_dropout_empties_whole_captions_at_the_rate():
     assert abs(dropped.mean() - 0.1) < 0.01
 
 
-def test_smoke_recipe_trains_resumes_and_samples(tmp_path):
-    dvae_config = dvae_configs.get_config("smoke")
-    dvae_config.trainer.update(total_steps=10, eval_every=0, progress=False, checkpoint_every=10)
-    dvae_config.data.num_examples = 256
-    train_dvae.train(dvae_config, tmp_path / "dvae")
-
+def test_smoke_recipe_trains_resumes_samples_and_generates(tmp_path):
+    """One command trains the dVAE, tokenizer and transformer; generate restores all three from the workdir."""
     config = dalle_configs.get_config("smoke")
-    config.dvae.workdir = str(tmp_path / "dvae")
+    config.dvae.total_steps = 10
     config.data.num_examples = 512
     config.trainer.update(total_steps=40, checkpoint_every=20, progress=False, log_every=10)
     summary = train_dalle.run(config, tmp_path / "dalle")
@@ -41,3 +37,9 @@ def test_smoke_recipe_trains_resumes_and_samples(tmp_path):
     assert resumed["steps"] == 50
     logged = [json.loads(line)["step"] for line in (tmp_path / "dalle" / "metrics.jsonl").read_text().splitlines()]
     assert set(logged) == {10, 20, 30, 40, 50}  # the second run logged only steps after 40
+
+    out = tmp_path / "grid.png"
+    report = generate.main(["--checkpoint", str(tmp_path / "dalle"), "--prompt", "a red circle.", "--prompt",
+                            "a blue square.", "--n", "4", "--keep", "2", "--out", str(out)])
+    assert out.exists() and json.loads(out.with_suffix(".json").read_text())["kept"] == report["kept"]
+    assert np.asarray(report["kept"]).shape == (2, 2)

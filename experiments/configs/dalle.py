@@ -5,14 +5,16 @@
 layers of width 3,968 with the row/column/conv sparse-attention schedule, AdamW with b2=0.96,
 eps=1e-8, weight decay 4.5e-2, peak step size 4.5e-4 after 5,000 warmup updates, batch 1,024,
 gradient clipping at 4, 430,000 updates. The paper halved the step size five times, whenever the
-loss plateaued, ending 32 times lower; a cosine to 1/32 of the peak stands in for that manual rule. Data are array_record shards of (caption, codes)
-written by `python -m dalle_jax.encode` and a SentencePiece model (common/tokenizers).
-"smoke" trains the tiny variant on the built-in shapes data, encoded with the dVAE of a finished
-`experiments/configs/dvae.py:smoke` run (stage 1 first):
+loss plateaued, ending 32 times lower; a cosine to 1/32 of the peak stands in for that manual
+rule. Data are array_record shards of (caption, codes) written by `python -m dalle_jax.encode`
+and a SentencePiece model (common/tokenizers).
 
-    python -m experiments.run --config experiments/configs/dvae.py:smoke --workdir runs/dvae
-    python -m experiments.run --config experiments/configs/dalle.py:smoke --workdir runs/dalle \\
-        --config.dvae.workdir=runs/dvae
+"smoke" is self-contained: on the built-in shapes data it trains the dVAE of
+`experiments/configs/dvae.py:smoke` in `workdir/dvae` (or reuses it), the caption tokenizer, then
+the tiny transformer:
+
+    python -m experiments.run --config experiments/configs/dalle.py:smoke --workdir runs/dalle
+    python -m dalle_jax.generate --checkpoint runs/dalle --prompt "a red circle." --n 16 --keep 4
 
 Re-running a command resumes from the last checkpoint in --workdir.
 """
@@ -68,8 +70,9 @@ def get_config(arg: str = "12B") -> ml_collections.ConfigDict:
     c.eval_data = None  # held-out codes (same fields as data): eval loss
 
     c.dvae = ml_collections.ConfigDict()  # the frozen dVAE that made the codes; decodes samples
-    c.dvae.workdir = None  # a run of experiments/configs/dvae.py (its latest checkpoint)
+    c.dvae.workdir = None  # a finished run of experiments/configs/dvae.py; None: train one in workdir/dvae
     c.dvae.config = "openai"  # that run's config argument
+    c.dvae.total_steps = None  # override of that recipe's trainer.total_steps (None: the recipe's own)
 
     c.samples = ml_collections.ConfigDict()  # an evaluator: image grids of sampled captions
     c.samples.captions = ("a small red circle in the top left corner.",)
@@ -90,6 +93,6 @@ def get_config(arg: str = "12B") -> ml_collections.ConfigDict:
                                                 text_vocab=512))
         c.eval_data = ml_collections.ConfigDict(dict(source="shapes", split="validation", num_examples=64,
                                                      workers=0))
-        c.dvae.update(workdir="runs/dvae", config="smoke")
+        c.dvae.update(config="smoke")
         c.samples.update(captions=("a red circle.", "a blue square."), per_caption=4)
     return c
