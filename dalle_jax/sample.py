@@ -79,12 +79,16 @@ def _with_unconditional(text: jax.Array, guidance_scale: float) -> jax.Array:
     return text if guidance_scale == 1.0 else jnp.concatenate([text, jnp.zeros_like(text)])
 
 
+def guided_logits(cond: jax.Array, uncond: jax.Array, scale: float) -> jax.Array:
+    """Classifier-free guidance: uncond + scale * (cond - uncond); scale 1 is the conditional model."""
+    return cond if scale == 1.0 else uncond + scale * (cond - uncond)
+
+
 def _draw(logits: jax.Array, rng: jax.Array, position: jax.Array, batch: int, guidance_scale: float,
           **filters: Any) -> jax.Array:
     """(B or 2B, V) logits of one position -> int32 (B,) tokens."""
     if guidance_scale != 1.0:
-        cond, uncond = logits[:batch], logits[batch:]
-        logits = uncond + guidance_scale * (cond - uncond)
+        logits = guided_logits(logits[:batch], logits[batch:], guidance_scale)
     return jax.random.categorical(jax.random.fold_in(rng, position), filter_logits(logits, **filters)).astype(jnp.int32)
 
 
