@@ -12,7 +12,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-BENCHMARKS = ("tokenizer_bench", "dvae_bench", "clip_train_bench")
+BENCHMARKS = ("tokenizer_bench", "dvae_bench", "clip_train_bench", "dalle_sample_bench")
 
 
 def main(argv: list[str] | None = None) -> None:
