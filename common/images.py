@@ -18,8 +18,11 @@ Two details of that pipeline decide pixels and are kept on purpose:
   uses Python's round-half-to-even, so odd margins land where torchvision's do.
 
 `decode_image` turns bytes or a file into a fully loaded PIL image, or raises
-`ImageDecodeError`; data pipelines catch that one class to skip and count bad
-records (DESIGN.md, principle 7).
+`ImageDecodeError`, whose `reason` data pipelines count when they skip the
+record (DESIGN.md, principle 7). Work per image is bounded: files are read only
+when they are regular files of at most `MAX_IMAGE_BYTES`, decoded only up to
+`MAX_IMAGE_PIXELS`, and an absurd aspect ratio (a 1 x 100,000 strip) is never
+resized whole (`clip_center_crop`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import threading
 from collections.abc import Sequence
 
@@ -37,10 +41,28 @@ from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_IMAGE_SIZE = 224
+# Encoded images above this many bytes are refused unread: no real photograph needs more, and a
+# runaway file (or a device such as /dev/zero named like an image) must not exhaust memory.
+MAX_IMAGE_BYTES = 64 * 2**20
+# PIL's own decompression-bomb limit (twice its default Image.MAX_IMAGE_PIXELS), enforced here too,
+# since other libraries may lift PIL's process-wide setting.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+# Up to this long:short side ratio, `clip_center_crop` is torchvision's resize-then-crop, bit for bit;
+# beyond it, that resize would grow with the ratio (a 1 x 100,000 strip: 224 x 22,400,000 pixels).
+MAX_EXACT_ASPECT_RATIO = 64
 
 
 class ImageDecodeError(ValueError):
-    """Raised when bytes or a file cannot be decoded into a complete image."""
+    """Raised when bytes or a file cannot be decoded into a complete image.
+
+    `reason` names the fault for skip counters: "corrupt_image" (not an image, truncated,
+    damaged), "image_too_large" (more than the allowed bytes or pixels) or "special_file"
+    (a path that is not a regular file: a FIFO, a device, a directory).
+    """
+
+    def __init__(self, message: str, reason: str = "corrupt_image"):
+        super().__init__(message)
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------
@@ -82,37 +104,77 @@ class _StrictTruncation:
 _STRICT_TRUNCATION = _StrictTruncation()
 
 
-def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike) -> Image.Image:
+def read_image_file(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of the regular file `path`, refusing special files and files over `max_bytes`.
+
+    The file is opened non-blocking and checked with fstat before any read, so a FIFO
+    (which would block until a writer comes) or a device such as /dev/zero (endless) named
+    like an image is refused at once.
+
+    Raises:
+      ImageDecodeError: reason "special_file" or "image_too_large".
+      OSError: the path does not exist (FileNotFoundError, also for a dangling symlink) or cannot be opened.
+    """
+    where = os.fspath(path)
+    fd = os.open(where, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError(f"Cannot read an image from {where!r}: it is not a regular file (mode "
+                                   f"{stat.filemode(info.st_mode)}; a FIFO, device or directory). Expected an "
+                                   "image file: remove or replace it.", reason="special_file")
+        data = f.read(max_bytes + 1)  # +1: a file that grew since fstat is still caught
+    if max(info.st_size, len(data)) > max_bytes:
+        raise ImageDecodeError(f"Cannot read an image from {where!r}: {max(info.st_size, len(data))} bytes, more "
+                               f"than the {max_bytes} allowed per image. Re-encode it smaller, or raise max_bytes.",
+                               reason="image_too_large")
+    return data
+
+
+def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike, *, max_bytes: int = MAX_IMAGE_BYTES,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decodes an encoded image (bytes, or a path to a file) into a loaded PIL image.
 
     The pixels are decoded eagerly (`img.load()`), and the container is checked
     first with `Image.verify()`, which for PNG validates every chunk CRC, so
     corrupt, truncated and non-image inputs fail here rather than later inside
     a training step. The image keeps its own mode ("P", "RGBA", "I;16", ...);
-    `clip_preprocess` handles the conversion to RGB the way CLIP does.
+    `clip_preprocess` handles the conversion to RGB the way CLIP does. A path
+    is read by `read_image_file`; more than `max_bytes` encoded bytes or
+    `max_pixels` pixels (checked from the header, before decoding) is refused.
 
     Raises:
-      ImageDecodeError: the input is empty, not an image, truncated or corrupt.
+      ImageDecodeError: the input is empty, not an image, truncated, corrupt, too large
+        or a special file (see its `reason`).
       FileNotFoundError: `data` is a path that does not exist.
     """
     if isinstance(data, (str, os.PathLike)):
         source = f"file {os.fspath(data)!r}"
-        with open(data, "rb") as f:
-            data = f.read()
+        data = read_image_file(data, max_bytes)
     else:
         data = bytes(data)
         source = f"{len(data)} bytes starting {data[:8]!r}"
+        if len(data) > max_bytes:
+            raise ImageDecodeError(f"Cannot decode an image from {source}: more than the {max_bytes} bytes allowed "
+                                   "per image. Re-encode it smaller, or raise max_bytes.", reason="image_too_large")
     if not data:
         raise ImageDecodeError(f"Cannot decode an image from {source}: the input is empty.")
     try:
         with _STRICT_TRUNCATION:
-            Image.open(io.BytesIO(data)).verify()
+            header = Image.open(io.BytesIO(data))  # reads the header only
+            if header.width * header.height > max_pixels:
+                raise Image.DecompressionBombError(f"{header.width} x {header.height} pixels, more than the "
+                                                   f"{max_pixels} allowed")
+            header.verify()
             # verify() leaves the image unusable; PIL requires a fresh open to decode.
             img = Image.open(io.BytesIO(data))
             img.load()
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(f"Cannot decode an image from {source}: {err}. Resize it, or raise max_pixels.",
+                               reason="image_too_large") from err
     # Pillow's format plugins raise many exception types on malformed input
     # (OSError, SyntaxError, struct.error, zlib.error, EOFError, IndexError,
-    # DecompressionBombError, ...); all of them mean "this record is bad".
+    # ...); all of them mean "this record is bad".
     except Exception as err:  # noqa: BLE001
         raise ImageDecodeError(
             f"Cannot decode an image from {source}: {type(err).__name__}: {err}. "
@@ -127,6 +189,15 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike) -> Im
 # --------------------------------------------------------------------------
 
 
+def _shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) with the shorter side `size` and the longer `int(size * long / short)`, torchvision's rule."""
+    if size < 1:
+        raise ValueError(f"Expected a positive target size, found {size}.")
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     """Scales `img` so its shorter side is `size`, with PIL bicubic resampling.
 
@@ -137,15 +208,10 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     `reducing_gap` (antialias is always on for PIL). PIL itself switches "P"
     and "1" images to NEAREST and resamples "RGBA"/"LA" premultiplied.
     """
-    if size < 1:
-        raise ValueError(f"Expected a positive target size, found {size}.")
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) == (w, h):
+    new_size = _shorter_side_size(*img.size, size)
+    if new_size == img.size:
         return img
-    return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return img.resize(new_size, Image.Resampling.BICUBIC)
 
 
 def center_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
@@ -197,8 +263,47 @@ def normalize_rgb(rgb: np.ndarray, mean: Sequence[float] = CLIP_MEAN,
 
 
 def clip_center_crop(img: Image.Image, size: int = CLIP_IMAGE_SIZE) -> Image.Image:
-    """OpenAI CLIP's `Resize(size, BICUBIC)` + `CenterCrop(size)` on a PIL image, in the image's own mode."""
-    return center_crop(resize_shorter_side(img, size), size)
+    """OpenAI CLIP's `Resize(size, BICUBIC)` + `CenterCrop(size)` on a PIL image, in the image's own mode.
+
+    Bit for bit torchvision's up to `MAX_EXACT_ASPECT_RATIO`; a longer strip
+    goes through `_resize_kept_region`, whose work is bounded by `size`.
+    """
+    width, height = img.size
+    if max(width, height) <= MAX_EXACT_ASPECT_RATIO * min(width, height):
+        return center_crop(resize_shorter_side(img, size), size)
+    return _resize_kept_region(img, size)
+
+
+def _resize_kept_region(img: Image.Image, size: int) -> Image.Image:
+    """`center_crop(resize_shorter_side(img, size), size)` of a long strip, resampling only what the crop keeps.
+
+    PIL resamples in two passes, horizontal then vertical, with 8-bit
+    (premultiplied for "RGBA"/"LA") rows in between; so does this, each pass
+    restricted to the kept region with PIL's `box` at torchvision's scale. The
+    pass along the short side is exact; the one along the long side may differ
+    from the whole resize by the floating-point rounding of the sample
+    positions (a grey level, or a neighbouring source pixel under NEAREST).
+    """
+    width, height = img.size
+    new_w, new_h = _shorter_side_size(width, height, size)  # the long side >= size: the crop needs no padding
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    mode = img.mode
+    premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(mode)  # as PIL's resize does, once around both passes
+    if premultiplied:
+        img = img.convert(premultiplied)
+    bicubic = Image.Resampling.BICUBIC
+    if width <= height:  # a tall strip: every column is kept, rows [top, top + size) of new_h
+        scale = height / new_h
+        y0, y1 = top * scale, (top + size) * scale
+        reach = 2 * max(scale, 1.0) + 1  # bicubic's support in source rows, and rounding
+        r0, r1 = max(int(y0 - reach), 0), min(math.ceil(y1 + reach), height)
+        rows = img.crop((0, r0, width, r1)).resize((size, r1 - r0), bicubic)  # horizontal pass
+        out = rows.resize((size, size), bicubic, box=(0, y0 - r0, size, y1 - r0))  # vertical pass
+    else:  # a wide strip: every row is kept, columns [left, left + size) of new_w
+        scale = width / new_w
+        columns = img.resize((size, height), bicubic, box=(left * scale, 0, (left + size) * scale, height))
+        out = columns.resize((size, size), bicubic)
+    return out.convert(mode) if premultiplied else out
 
 
 def clip_preprocess(img: Image.Image, size: int = CLIP_IMAGE_SIZE) -> np.ndarray:

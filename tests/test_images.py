@@ -185,6 +185,18 @@ def test_clip_preprocess_other_resolutions(n_px):
         assert np.abs(got - reference_clip_transform(img, n_px)).max() < 1e-6
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "I;16"])
+def test_strips_beyond_the_exact_aspect_ratio_stay_within_a_grey_level_of_torchvision(mode):
+    """Past MAX_EXACT_ASPECT_RATIO only the kept region is resampled (bounded work); strips small
+    enough to resize whole here show it lands within a level of torchvision per resampled channel
+    (two after CMYK's conversion to RGB, which sums two of them)."""
+    for w, h in ((3, 1000), (1000, 3), (1, 500), (7, 2000)):
+        assert max(w, h) > images.MAX_EXACT_ASPECT_RATIO * min(w, h)
+        img = make_image(mode, w, h, seed=w)
+        diff = np.abs(clip_preprocess(img, 31) - reference_clip_transform(img, 31)).max()
+        assert diff <= 2.01 / 255 / min(CLIP_STD), f"{mode} {w}x{h}: max abs diff {diff}"
+
+
 def test_conversion_order_matters():
     """Converting to RGB before resizing (the "obvious" order) gives other pixels for palette
     and alpha images, so the parity test above would catch a reordering."""

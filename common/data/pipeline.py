@@ -104,23 +104,23 @@ class _DropSkipped(grain.IterDataset):
     """Drops `_Skipped` markers; each example carries the counts of those dropped just before it.
 
     The counts travel with the data, so they are exact for the consumed
-    position even when this runs in grain worker processes. With
-    `report_trailing` (one evaluation pass), skips after the last example come
-    as a last element without a record, (None, counts).
+    position even when this runs in grain worker processes. Skips after the
+    last example of a finite pass come as a last element without a record,
+    (None, counts).
     """
 
-    def __init__(self, parent: grain.IterDataset, max_consecutive: int, report_trailing: bool):
+    def __init__(self, parent: grain.IterDataset, max_consecutive: int):
         super().__init__(parent)
-        self._max_consecutive, self._report_trailing = max_consecutive, report_trailing
+        self._max_consecutive = max_consecutive
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _DropSkippedIterator(self._parent.__iter__(), self._max_consecutive, self._report_trailing)
+        return _DropSkippedIterator(self._parent.__iter__(), self._max_consecutive)
 
 
 class _DropSkippedIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, max_consecutive: int, report_trailing: bool):
+    def __init__(self, parent: grain.DatasetIterator, max_consecutive: int):
         super().__init__(parent)
-        self._max_consecutive, self._report_trailing = max_consecutive, report_trailing
+        self._max_consecutive = max_consecutive
 
     def __next__(self) -> tuple[dict[str, Any] | None, Counter]:
         skipped: Counter[str] = Counter()
@@ -128,7 +128,7 @@ class _DropSkippedIterator(grain.DatasetIterator):
             try:
                 element = next(self._parent)
             except StopIteration:
-                if skipped and self._report_trailing:
+                if skipped:
                     return None, skipped
                 raise
             if not isinstance(element, _Skipped):
@@ -194,8 +194,10 @@ class RecordIterator:
                 raise
             batch = {"fields": None, "skipped": Counter(), "counts": Counter()}
         self._skipped.update(batch["skipped"])
-        self._counts.update(batch["counts"])
         out = batch["fields"]
+        if self.num_batches is None and (out is None or len(next(iter(out.values()))) < self._host_batch_size):
+            raise StopIteration  # the end of finitely many epochs: a partial batch is not served, its skips count
+        self._counts.update(batch["counts"])
         if out is None:  # past the end of an evaluation pass: padding only
             if self._padding is None:
                 raise RuntimeError(
@@ -282,8 +284,9 @@ def make_pipeline(
       train: shuffle every epoch; False keeps source order.
       seed: seeds the per-epoch shuffle and the transforms' rng.
       num_epochs: None repeats forever (train by steps). With a finite count
-        and no padding, the iterator ends after the last full batch; hosts
-        skip different numbers of bad records, so they may end a batch apart.
+        and no padding, the iterator ends after the last full batch (the
+        records skipped after it still count in `stats()`); hosts skip
+        different numbers of bad records, so they may end a batch apart.
       shard_index, shard_count: this host's shard (default: jax.process_index(),
         jax.process_count()); hosts read contiguous, disjoint record ranges.
       worker_count: grain worker processes for the transforms (0: threads in this process).
@@ -318,8 +321,8 @@ def make_pipeline(
     ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(_Apply(compose(transform), seed, stop - start, _SkipLogger()))
     read_options = read_options or grain.ReadOptions(num_threads=16, prefetch_buffer_size=max(128, 2 * host_batch_size))
-    it = _DropSkipped(ds.to_iter_dataset(read_options), max_consecutive=stop - start, report_trailing=pad_last_batch)
-    it = it.batch(host_batch_size, drop_remainder=not pad_last_batch, batch_fn=_collate)
+    it = _DropSkipped(ds.to_iter_dataset(read_options), max_consecutive=stop - start)
+    it = it.batch(host_batch_size, drop_remainder=False, batch_fn=_collate)  # RecordIterator drops a partial one
     if worker_count > 0:
         _allow_grain_workers_without_absl()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

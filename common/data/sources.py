@@ -13,7 +13,12 @@ path or a uint8 (H, W[, C]) array; None: listed but unreadable), `caption`
 `text_ids`, int16 `codes`). Records stay undecoded here; decoding, and
 deciding that a record is bad, happens in the task's transforms
 (`transforms.py`), which skip and count bad records instead of failing
-(DESIGN.md principle 7). A source therefore never raises for one bad record.
+(DESIGN.md principle 7). A source therefore never raises for one bad record;
+a field it would not read (a tar member over `max_member_bytes`) is an
+`Unreadable(reason, detail)`, which the transforms skip and count by reason.
+
+Paths that lead outside a dataset's root (`..`, absolute paths, symlinks) are
+read, but logged once per source: a warning with their count and the first one.
 
 * `TarShardSource`: webdataset / img2dataset tar shards (`KEY.jpg|jpeg|png|webp`
   with `KEY.txt` or `KEY.json` holding a "caption"), read by member offset.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import glob
 import hashlib
 import io
@@ -37,6 +43,7 @@ import os
 import re
 import tarfile
 import threading
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, SupportsIndex
 
@@ -46,6 +53,7 @@ from flax.serialization import msgpack_restore
 from tqdm import tqdm
 
 from common.data.shapes import ShapesConfig, ShapesDataset
+from common.images import MAX_IMAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,40 @@ _NO_CAPTION, _TXT_CAPTION, _JSON_CAPTION = 0, 1, 2
 
 class DatasetNotFoundError(FileNotFoundError):
     """The requested data is not where it was looked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Unreadable:
+    """A record field the source listed but would not read; transforms skip the record, counted by `reason`."""
+
+    reason: str
+    detail: str
+
+
+def warn_outside_root(root: str, paths: Sequence[str], what: str) -> int:
+    """Logs once how many of `paths` resolve outside `root`, naming the first; returns that count.
+
+    A path leaves the root through "..", an absolute path, a symlinked
+    directory or a symlinked file. Each distinct directory is resolved once and
+    each file costs one lstat, so listing a large dataset stays cheap.
+    """
+    real_root = os.path.realpath(root)
+    real_dirs: dict[str, str] = {}
+    first, count = None, 0
+    for path in paths:
+        directory, name = os.path.split(path)
+        if directory not in real_dirs:
+            real_dirs[directory] = os.path.realpath(directory)
+        target = os.path.normpath(os.path.join(real_dirs[directory], name))
+        if os.path.islink(target):
+            target = os.path.realpath(target)
+        if os.path.commonpath([real_root, target]) != real_root:
+            first, count = first or (path, target), count + 1
+    if count:
+        log.warning("%d of the %d %s listed under %s resolve outside it (first: %s -> %s), through '..', an "
+                    "absolute path or a symlink. They are read anyway; if that is not intended, fix the listing or "
+                    "the links.", count, len(paths), what, root, first[0], first[1])
+    return count
 
 
 def _check_index(index: SupportsIndex, length: int) -> int:
@@ -87,12 +129,19 @@ def _expand_paths(spec: str | os.PathLike | Sequence[str | os.PathLike], ext: st
             paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
     else:
         paths = [os.fspath(p) for p in spec]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if not paths or missing:
+    missing = [p for p in paths if not os.path.exists(p)]
+    special = [p for p in paths if os.path.exists(p) and not os.path.isfile(p)]
+    if not paths or missing or special:
+        found = ("none" if not paths else f"missing files {missing[:5]}" if missing else
+                 f"paths that are not regular files (FIFOs, devices, directories) {special[:5]}")
         raise DatasetNotFoundError(
-            f"Expected {ext} files, found {'none' if not paths else 'missing files ' + str(missing[:5])} for "
-            f"{spec!r}. Pass a directory of {ext} files, a glob such as 'data/shard-*{ext}', or a list of paths "
-            f"({hint}).")
+            f"Expected {ext} files, found {found} for {spec!r}. Pass a directory of {ext} files, a glob such as "
+            f"'data/shard-*{ext}', or a list of paths ({hint}).")
+    if isinstance(spec, (str, os.PathLike)):  # a directory or glob: its directory is the dataset's root
+        root = pattern if os.path.isdir(pattern) else os.path.dirname(pattern)
+        while glob.has_magic(root):
+            root = os.path.dirname(root)
+        warn_outside_root(root or os.curdir, paths, f"{ext} files")
     return paths
 
 
@@ -152,9 +201,17 @@ def _cached_index(path: str, index_dir: str | None) -> dict[str, np.ndarray]:
     digest = hashlib.sha1(os.path.abspath(path).encode("utf-8")).hexdigest()[:12]
     cache = os.path.join(index_dir, f"{os.path.basename(path)}.{digest}.index.npz")
     if os.path.exists(cache):
-        with np.load(cache) as stored:
-            if int(stored["source_size"]) == stat.st_size and int(stored["source_mtime_ns"]) == stat.st_mtime_ns:
-                return {k: stored[k] for k in ("keys", "image", "caption", "caption_kind")}
+        try:
+            with np.load(cache) as stored:  # allow_pickle=False: arrays only
+                if int(stored["source_size"]) == stat.st_size and int(stored["source_mtime_ns"]) == stat.st_mtime_ns:
+                    index = {k: stored[k] for k in ("keys", "image", "caption", "caption_kind")}
+                    n = len(index["keys"])
+                    if (index["image"].shape, index["caption"].shape, index["caption_kind"].shape) != ((n, 2), (n, 2), (n,)):
+                        raise ValueError(f"arrays of inconsistent shapes {[a.shape for a in index.values()]}")
+                    return index
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            log.warning("Tar index cache %s is damaged (%s: %s); rebuilding it from %s.", cache,
+                        type(err).__name__, err, path)
     index = index_tar_shard(path)
     os.makedirs(index_dir, exist_ok=True)
     buf = io.BytesIO()
@@ -177,15 +234,17 @@ class TarShardSource:
       caption_field: the field of `KEY.json` holding the caption, used when a
         key has no `KEY.txt`.
       num_threads: shards indexed in parallel.
+      max_member_bytes: a larger image or caption member is not read: the
+        field is `Unreadable("image_too_large" / "caption_too_large")`.
 
     A key without an image member, or a member that cannot be read, has image
     None; one without a readable caption has caption None.
     """
 
     def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], *, index_dir: str | None = None,
-                 caption_field: str = "caption", num_threads: int = 8):
+                 caption_field: str = "caption", num_threads: int = 8, max_member_bytes: int = MAX_IMAGE_BYTES):
         self.paths = _expand_paths(shards, ".tar", "e.g. the output of img2dataset --output_format webdataset")
-        self.caption_field = caption_field
+        self.caption_field, self.max_member_bytes = caption_field, max_member_bytes
         with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
             indices = list(tqdm(pool.map(lambda p: _cached_index(p, index_dir), self.paths), total=len(self.paths),
                                 desc="indexing tar shards", unit="shard", disable=None))
@@ -205,22 +264,30 @@ class TarShardSource:
         i = _check_index(index, len(self))
         path = self.paths[self._shard[i]]
         (image_offset, image_size), (caption_offset, caption_size) = self._image[i], self._caption[i]
+        key = f"{path}:{self._keys[i].decode('utf-8')}"
         data, caption = None, None
         try:
             with open(path, "rb") as f:
                 if image_offset >= 0:
-                    f.seek(image_offset)
-                    data = f.read(image_size)
+                    data = self._member(f, key, "image", image_offset, image_size)
                 if caption_offset >= 0:
-                    f.seek(caption_offset)
-                    raw = f.read(caption_size)
-                    if self._caption_kind[i] == _TXT_CAPTION:
+                    raw = self._member(f, key, "caption", caption_offset, caption_size)
+                    if isinstance(raw, Unreadable):
+                        caption = raw
+                    elif self._caption_kind[i] == _TXT_CAPTION:
                         caption = raw.decode("utf-8", errors="replace")
                     else:
                         caption = _caption_from_json(raw, self.caption_field)
         except OSError as err:  # the shard vanished or cannot be read since indexing: a missing record
             log.debug("Cannot read record %d from %s: %s", i, path, err)
-        return {"index": i, "key": f"{path}:{self._keys[i].decode('utf-8')}", "image": data, "caption": caption}
+        return {"index": i, "key": key, "image": data, "caption": caption}
+
+    def _member(self, f: io.BufferedReader, key: str, field: str, offset: int, size: int) -> bytes | Unreadable:
+        if size > self.max_member_bytes:
+            return Unreadable(f"{field}_too_large", f"{key}: the {field} member has {size} bytes, more than "
+                                                    f"max_member_bytes={self.max_member_bytes}")
+        f.seek(offset)
+        return f.read(size)
 
 
 # --------------------------------------------------------------------------
@@ -249,7 +316,8 @@ class ImageFolderSource:
     record {image: path}; those under `root/<class folder>/` also get `label`.
     `class_space(sorted folder names) -> ({folder: label}, classnames)` decides
     the labels (default `folder_class_space`); `classnames` is exposed as
-    `source.classnames` (empty with a captions file).
+    `source.classnames` (empty with a captions file). `outside_root` counts the
+    images that resolve outside `root` (logged once, see the module docstring).
     """
 
     def __init__(self, root: str | os.PathLike, *, captions_file: str | os.PathLike | None = None,
@@ -271,11 +339,14 @@ class ImageFolderSource:
         if not self._entries:
             where = self.captions_file or f"no captions file, no {'/'.join(IMAGE_EXTENSIONS)} files"
             raise DatasetNotFoundError(f"Image folder {self.root!r} lists no images ({where}).")
+        listed = [os.path.join(self.root, path) for path, _ in self._entries if path is not None]
+        self.outside_root = warn_outside_root(self.root, listed, "images")
 
     def _caption_entries(self, image_field: str, caption_field: str) -> list[tuple[str | None, str | None]]:
         if not self.captions_file.endswith((".tsv", ".jsonl")):
             raise ValueError(f"Expected a captions file ending in .tsv or .jsonl, found {self.captions_file!r}.")
-        with open(self.captions_file, encoding="utf-8", errors="replace") as f:
+        # Lines end at "\n" only (a "\r" inside a caption stays in it; "\r\n" endings are stripped).
+        with open(self.captions_file, encoding="utf-8", errors="replace", newline="\n") as f:
             lines = [line.rstrip("\r\n") for line in f if line.strip()]
         if self.captions_file.endswith(".tsv"):
             return [(path or None, caption if tab else None) for path, tab, caption in
@@ -299,8 +370,8 @@ class ImageFolderSource:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             relative = os.path.relpath(dirpath, self.root)
             label = None if relative == "." else int(folder_label[relative.split(os.sep)[0]])
-            entries += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
-                        if f.lower().endswith(IMAGE_EXTENSIONS)]
+            entries += [(os.path.normpath(os.path.join(relative, f)), label) for f in sorted(filenames)
+                        if f.lower().endswith(IMAGE_EXTENSIONS)]  # relative to root, as caption lists are
         return entries
 
     def __len__(self) -> int:

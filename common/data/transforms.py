@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from common.images import ImageDecodeError, clip_center_crop, decode_image
+from common.data.sources import Unreadable
+from common.images import MAX_IMAGE_BYTES, ImageDecodeError, clip_center_crop, decode_image
 from common.tokenizers.clip_bpe import ClipTokenizer, default_tokenizer
 from common.tokenizers.sentencepiece import SentencePieceTokenizer
 
@@ -44,6 +45,14 @@ class SkipRecord(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+def field_value(record: Record, field: str) -> Any:
+    """`record[field]` (None when absent); a field the source would not read skips the record by its reason."""
+    value = record.get(field)
+    if isinstance(value, Unreadable):
+        raise SkipRecord(value.reason, value.detail)
+    return value
 
 
 def count(record: Record, name: str) -> Record:
@@ -72,7 +81,8 @@ def compose(transform: Transform | Sequence[Transform]) -> Transform:
 
 @dataclasses.dataclass(frozen=True)
 class Select:
-    """Keeps only `fields` (and `COUNTS`); a record lacking one of them is skipped as "missing_<field>"."""
+    """Keeps only `fields` (and `COUNTS`); a record lacking one of them is skipped as "missing_<field>",
+    one the source would not read by the reason it gave."""
 
     fields: tuple[str, ...]
 
@@ -81,7 +91,7 @@ class Select:
 
     def __call__(self, record: Record, rng: np.random.Generator) -> Record:
         for field in self.fields:
-            if record.get(field) is None:
+            if field_value(record, field) is None:
                 raise SkipRecord(f"missing_{field}", f"no {field!r} in {record.get('key')}")
         return {k: record[k] for k in (*self.fields, COUNTS) if k in record}
 
@@ -95,14 +105,17 @@ class Select:
 class DecodeImage:
     """`image` (encoded bytes, a file path or a uint8 (H, W[, C]) array) -> a loaded PIL image.
 
-    Skips "missing_image" (None, or a file that is gone or unreadable) and
-    "corrupt_image" (bytes that do not decode; `common.images.decode_image` is strict).
+    Skips "missing_image" (None, or a file that is gone or unreadable),
+    "corrupt_image" (bytes that do not decode; `common.images.decode_image` is
+    strict), "image_too_large" (over `max_bytes` encoded, or PIL's pixel limit)
+    and "special_file" (a path to a FIFO, device or directory, never read).
     """
 
     field: str = "image"
+    max_bytes: int = MAX_IMAGE_BYTES
 
     def __call__(self, record: Record, rng: np.random.Generator) -> Record:
-        data = record.get(self.field)
+        data = field_value(record, self.field)
         if data is None:
             raise SkipRecord("missing_image", f"no image in {record.get('key')}")
         try:
@@ -111,10 +124,12 @@ class DecodeImage:
                     raise ImageDecodeError(f"Expected a uint8 image array, found {data.dtype} {data.shape}.")
                 img = Image.fromarray(data[..., 0] if data.shape[-1:] == (1,) else data)
             else:
-                img = decode_image(data)
+                img = decode_image(data, max_bytes=self.max_bytes)
         except OSError as err:  # the file is gone or unreadable; bad bytes raise ImageDecodeError
             raise SkipRecord("missing_image", f"{record.get('key')}: {type(err).__name__}: {err}") from err
-        except (ImageDecodeError, ValueError, TypeError) as err:
+        except ImageDecodeError as err:
+            raise SkipRecord(err.reason, f"{record.get('key')}: {err}") from err
+        except (ValueError, TypeError) as err:
             raise SkipRecord("corrupt_image", f"{record.get('key')}: {type(err).__name__}: {err}") from err
         return {**record, self.field: img}
 
@@ -231,13 +246,23 @@ TextTokenizer = Callable[[str, int], tuple[np.ndarray, bool]]
 
 @dataclasses.dataclass(frozen=True)
 class ClipTextTokenizer:
-    """`clip.tokenize(text, context_length, truncate=True)`: an over-long caption keeps EOT last."""
+    """`clip.tokenize(text, context_length, truncate=True)`: an over-long caption keeps EOT last.
+
+    One truncating encode one token longer than the context tells both: the
+    text was cut exactly when that row's extra last position holds a token (EOT),
+    and truncation encodes only the pieces that can reach the context.
+    """
 
     tokenizer: ClipTokenizer
 
     def __call__(self, text: str, context_length: int) -> tuple[np.ndarray, bool]:
-        ids = self.tokenizer.tokenize(text, context_length, truncate=True)[0]
-        return ids, len(self.tokenizer.encode(text)) + 2 > context_length
+        longer = self.tokenizer.tokenize(text, context_length + 1, truncate=True)[0]  # (context_length + 1,)
+        eot = self.tokenizer.eot_token_id
+        truncated = bool(longer[context_length] == eot)
+        ids = longer[:context_length].copy()
+        if truncated:
+            ids[-1] = eot
+        return ids, truncated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +299,8 @@ class Tokenize:
 
     A record with several captions uses one drawn from `rng` when
     `random_caption` (training: another one every epoch), else the first.
-    Skips "missing_caption" and "empty_caption" (whitespace only).
+    Skips "missing_caption", "empty_caption" (whitespace only) and
+    "bad_caption" (text the tokenizer refuses, such as a lone surrogate).
     """
 
     def __init__(self, tokenizer: str | ClipTokenizer | SentencePieceTokenizer | TextTokenizer, context_length: int,
@@ -285,14 +311,17 @@ class Tokenize:
         self.src, self.dst, self.random_caption = src, dst, random_caption
 
     def __call__(self, record: Record, rng: np.random.Generator) -> Record:
-        caption = record.get(self.src)
+        caption = field_value(record, self.src)
         if isinstance(caption, tuple):
             caption = caption[int(rng.integers(len(caption)))] if self.random_caption else caption[0]
         if caption is None:
             raise SkipRecord("missing_caption", f"no caption in {record.get('key')}")
         if not caption.strip():
             raise SkipRecord("empty_caption", f"{record.get('key')}: caption {caption!r}")
-        ids, truncated = self.tokenizer(caption, self.context_length)
+        try:
+            ids, truncated = self.tokenizer(caption, self.context_length)
+        except ValueError as err:  # UnicodeError too
+            raise SkipRecord("bad_caption", f"{record.get('key')}: {err}") from err
         ids = np.asarray(ids)
         if ids.shape != (self.context_length,) or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"Expected the tokenizer to return integer ids of shape ({self.context_length},), "

@@ -17,17 +17,21 @@ caption token ids and int16 dVAE codes) for `sources.ArrayRecordSource`.
 
 Outputs are byte-for-byte reproducible (tar headers carry no time or owner),
 and every file is written under a temporary name and renamed into place, so an
-interrupted run never leaves a half-written shard that looks complete.
+interrupted run never leaves a half-written shard that looks complete; a write
+that fails removes its temporary file. Names taken from the data (class
+folders, file prefixes) must be single path components, so nothing is written
+outside the output directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import tarfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,11 +81,31 @@ def example_metadata(example: Mapping[str, Any], key: str) -> dict[str, Any]:
     return meta
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+def path_component(name: str, what: str) -> str:
+    """`name` if it is one visible file name, which cannot reach outside the directory it is joined to."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"{what} {name!r} cannot name a file or folder inside the output directory: expected one "
+                         "path component without '/', '\\' or NUL that does not start with '.' (hidden, '..'). "
+                         "Rename it.")
+    return name
+
+
+@contextlib.contextmanager
+def _replaced_atomically(path: str) -> Iterator[str]:
+    """Yields a temporary path to write; renames it to `path` on success and removes it on any failure."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    with _replaced_atomically(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def write_image_folder(dataset: Sequence[Mapping[str, Any]], root: str | os.PathLike,
@@ -89,8 +113,11 @@ def write_image_folder(dataset: Sequence[Mapping[str, Any]], root: str | os.Path
     """Writes one PNG per example into `root/<example[by]>/`, or into `root/` if `by` is None.
 
     Spaces in class names become underscores ("top left corner" ->
-    "top_left_corner"). Also writes `root/captions.tsv` and `root/labels.jsonl`
-    (each line: key, path relative to `root`, caption and labels), in index order.
+    "top_left_corner"); a class name that is not one visible path component
+    ("../x", "a/b", ".hidden") is refused. Also writes `root/captions.tsv` and
+    `root/labels.jsonl` (each line: key, path relative to `root`, caption and
+    labels), in index order; a caption holding a tab, newline or carriage
+    return, which would split its TSV line, is refused.
 
     Returns:
       The paths of the PNGs written, in index order.
@@ -102,15 +129,16 @@ def write_image_folder(dataset: Sequence[Mapping[str, Any]], root: str | os.Path
         example = dataset[index]
         key = example_key(index)
         meta = example_metadata(example, key)
-        if "\t" in meta["caption"] or "\n" in meta["caption"]:
-            raise ValueError(f"Caption of example {key} contains a tab or newline, which "
-                             f"captions.tsv cannot hold: {meta['caption']!r}.")
+        if any(c in meta["caption"] for c in "\t\n\r"):
+            raise ValueError(f"Caption of example {key} contains a tab, newline or carriage return, which "
+                             f"captions.tsv cannot hold: {meta['caption']!r}. Replace them with spaces, or write "
+                             "tar shards (write_tar_shards), which keep any caption.")
         folder = ""
         if by is not None:
             if not isinstance(example.get(by), str):
                 raise ValueError(f"Expected every example to have a str label {by!r} to group by, "
                                  f"found {example.get(by)!r} in example {key}.")
-            folder = example[by].replace(" ", "_")
+            folder = path_component(example[by].replace(" ", "_"), f"Label {by!r} of example {key}")
             os.makedirs(os.path.join(root, folder), exist_ok=True)
         relative = os.path.join(folder, f"{key}.png")
         _write_atomically(os.path.join(root, relative), encode_image(example["image"], "png"))
@@ -150,8 +178,7 @@ def write_tar_shards(dataset: Sequence[Mapping[str, Any]], out_dir: str | os.Pat
     progress = tqdm(total=len(dataset), desc=f"writing {out_dir}", unit="img", disable=None)
     for shard in range(num_shards):
         path = os.path.join(out_dir, f"shard-{shard:05d}.tar")
-        tmp = path + ".tmp"
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        with _replaced_atomically(path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             start = shard * examples_per_shard
             for index in range(start, min(start + examples_per_shard, len(dataset))):
                 example = dataset[index]
@@ -162,7 +189,6 @@ def write_tar_shards(dataset: Sequence[Mapping[str, Any]], out_dir: str | os.Pat
                 _add_member(tar, f"{key}.txt", meta["caption"].encode("utf-8"))
                 _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
                 progress.update()
-        os.replace(tmp, path)
         paths.append(path)
     progress.close()
     return paths
@@ -183,23 +209,32 @@ def write_array_records(records: Iterable[Mapping[str, Any]], out_dir: str | os.
 
     if records_per_shard < 1:
         raise ValueError(f"Expected records_per_shard >= 1, found {records_per_shard}.")
+    path_component(prefix, "Shard prefix")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     paths: list[str] = []
     writer = None
-    for n, record in enumerate(tqdm(records, desc=f"writing {out_dir}", unit="record", disable=None)):
-        if n % records_per_shard == 0:
-            if writer is not None:
-                writer.close()
-                os.replace(paths[-1] + ".tmp", paths[-1])
-            paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):05d}.array_record"))
-            writer = ArrayRecordWriter(paths[-1] + ".tmp", "group_size:1")
-        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in record.items()}
-        try:
-            writer.write(msgpack_serialize(fields))
-        except TypeError as err:
-            raise TypeError(f"Cannot store record {n} ({sorted(record)}): {err}. Expected numpy arrays, strings, "
-                            "bytes, numbers or tuples of strings.") from err
+    try:
+        for n, record in enumerate(tqdm(records, desc=f"writing {out_dir}", unit="record", disable=None)):
+            if n % records_per_shard == 0:
+                if writer is not None:
+                    writer.close()
+                    writer = None
+                    os.replace(paths[-1] + ".tmp", paths[-1])
+                paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):05d}.array_record"))
+                writer = ArrayRecordWriter(paths[-1] + ".tmp", "group_size:1")
+            fields = {k: list(v) if isinstance(v, tuple) else v for k, v in record.items()}
+            try:
+                writer.write(msgpack_serialize(fields))
+            except TypeError as err:
+                raise TypeError(f"Cannot store record {n} ({sorted(record)}): {err}. Expected numpy arrays, "
+                                "strings, bytes, numbers or tuples of strings.") from err
+    except BaseException:  # the shard being written is incomplete: leave no temporary file behind
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(paths[-1] + ".tmp")
+        raise
     if writer is None:
         raise ValueError("Expected at least one record to write, found none.")
     writer.close()

@@ -118,6 +118,7 @@ class SentencePieceTokenizer:
         """Token ids of ``text``, without bos/eos."""
         if not isinstance(text, str):
             raise TypeError(f"expected a str to encode, found {type(text).__name__}")
+        _check_unicode(text)
         return self._sp.encode(text)
 
     def encode_batch(
@@ -137,6 +138,8 @@ class SentencePieceTokenizer:
         """
         if isinstance(texts, str):
             raise TypeError("expected a sequence of str, found a single str; wrap it in a list")
+        for row, text in enumerate(texts):
+            _check_unicode(text, f"text {row}")
         n_special = int(add_bos) + int(add_eos)
         if length < max(n_special, 1):
             raise ValueError(f"expected length >= {max(n_special, 1)} (room for bos/eos), found {length}")
@@ -240,6 +243,20 @@ def train_bpe(
     if model_prefix_or_dir is not None:
         tokenizer.save(model_prefix_or_dir)
     return tokenizer
+
+
+def _check_unicode(text: str, what: str = "text") -> None:
+    """Raises ValueError when `text` cannot be UTF-8 encoded (a lone surrogate such as "\\ud800")."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected {what} to be a str, found {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{what} holds {err.object[err.start:err.end]!r} at position {err.start}, which is not valid Unicode "
+            f"(a lone surrogate, {err.reason}), so SentencePiece cannot encode it; clean the text "
+            f"(e.g. text.encode('utf-8', 'replace').decode()). Text starts: {text[:60]!r}"
+        ) from None
 
 
 def _model_file(path: str | os.PathLike) -> Path:
