@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from common.data.sources import DatasetNotFoundError, ImageFolderSource, TfdsSource, folder_class_space
+
+log = logging.getLogger(__name__)
 
 _WNID = re.compile(r"n\d{8}")
 
@@ -139,11 +142,11 @@ def open_source(dataset: str, *, split: str | None = None, data_dir: str | None 
     """
     spec = _spec(dataset)
     if image_folder is not None:
-        return image_folder_source(image_folder, dataset=dataset, split=split or spec.split)
+        return image_folder_source(image_folder, dataset=dataset, split=split)
     return tfds_source(dataset, split=split or spec.split, data_dir=data_dir)
 
 
-def image_folder_source(root: str, *, dataset: str | None = None, split: str = "folder") -> EvalSet:
+def image_folder_source(root: str, *, dataset: str | None = None, split: str | None = None) -> EvalSet:
     """Images under `root/<class folder>/...` (any depth), in sorted path order.
 
     Folder names decide the labels:
@@ -152,12 +155,18 @@ def image_folder_source(root: str, *, dataset: str | None = None, split: str = "
     * integers, for an ImageNet-family dataset: ImageNet class indices (the
       layout of the ImageNetV2 tarballs, folders 0 .. 999);
     * anything else: sorted folder names are classes 0, 1, ..., named by the
-      folder name with "_" replaced by " ".
+      folder name with "_" replaced by " ". For an ImageNet-family `dataset`
+      that is not its class space, so the set is named after the folder
+      (split "folder"), with a warning.
+
+    `split` (default: the dataset's evaluation split, or "folder") is what the results report.
     """
     kind = _spec(dataset).classes if dataset else "tfds"
     imagenet_kind = kind if kind != "tfds" else "imagenet"
+    named_by_folder = False
 
     def class_space(folders: Sequence[str]) -> tuple[dict[str, int], tuple[str, ...]]:
+        nonlocal named_by_folder
         if not folders:
             raise DatasetNotFoundError(f"Image folder {root!r} has no class sub-folders; expected one per class.")
         if all(_WNID.fullmatch(f) for f in folders):
@@ -170,6 +179,7 @@ def image_folder_source(root: str, *, dataset: str | None = None, split: str = "
                 raise ValueError(f"Integer class folders in {root!r} must be ImageNet indices 0..999.")
             labels = _label_map([all_wnids[int(f)] for f in folders], wnids, f"image folder {root!r}")
         else:
+            named_by_folder = True
             return folder_class_space(folders)
         outside = [f for f, label in zip(folders, labels) if label < 0]
         if outside:
@@ -181,8 +191,16 @@ def image_folder_source(root: str, *, dataset: str | None = None, split: str = "
     if source.captions_file is not None:
         raise ValueError(f"Image folder {root!r} holds {source.captions_file}; expected one sub-folder of images per "
                          "class for classification.")
-    return EvalSet(dataset or os.path.basename(os.path.normpath(root)), split, source.classnames, source, (),
-                   f"image folder {source.root}")
+    folder_name = os.path.basename(os.path.abspath(root))
+    not_imagenet = named_by_folder and kind != "tfds"  # asked for an ImageNet set, found other folder names
+    if not_imagenet:
+        log.warning("The class folders of %s are neither ImageNet WordNet ids (n01440764, ...) nor ImageNet "
+                    "indices, so they are evaluated as %d classes named by folder and reported as %r, not as %s.",
+                    root, len(source.classnames), folder_name, dataset)
+    named = dataset is not None and not not_imagenet
+    return EvalSet(dataset if named else folder_name, split or (_spec(dataset).split if named else "folder"),
+                   source.classnames, source, (),
+                   f"image folder {source.root} ({'classes named by folder' if named_by_folder else imagenet_kind})")
 
 
 def tfds_source(dataset: str, *, split: str, data_dir: str | None = None, spec: DatasetSpec | None = None) -> EvalSet:

@@ -16,7 +16,9 @@ caption), so results never depend on the order of the candidates.
 Caption files: TSV lines `image_path<TAB>caption` (an optional header
 `image<TAB>caption`), or JSON lines `{"image": path, "caption": text}` /
 `{"image": path, "captions": [text, ...]}`; several lines may name the same
-image. Paths are relative to --images-root.
+image. Paths are relative to --images-root. Captions longer than the text
+context are truncated as `clip.tokenize(truncate=True)` does (EOT kept last)
+and counted in the results ("truncated_captions").
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -36,10 +39,15 @@ from tqdm import tqdm
 
 import clip_jax
 from clip_jax.model import normalize
-from clip_jax.zeroshot import embed_texts, encode_image_batch, image_batches
+from clip_jax.zeroshot import embed_rows, encode_image_batch, image_batches
+from common.cli import output_file, positive_int, positive_ints
 from common.data.sources import ListSource
+from common.data.transforms import ClipTextTokenizer
 from common.metrics import configure_logging
-from common.sharding import check_batch_divisible, initialize_distributed, make_mesh, replicated
+from common.sharding import ShardingError, check_batch_divisible, initialize_distributed, make_mesh, replicated
+from common.tokenizers.clip_bpe import default_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def retrieval_metrics(image_features: Any, text_features: Any, text_to_image: Any,
@@ -103,7 +111,7 @@ def read_captions(path: str, images_root: str | None = None) -> CaptionSet:
     """Reads a TSV or JSON-lines caption file (see the module docstring); checks the images exist."""
     images_root = images_root if images_root is not None else os.path.dirname(os.path.abspath(path))
     pairs: list[tuple[str, str]] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", newline="\n") as f:  # a "\r" inside a caption does not end its line
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -115,7 +123,7 @@ def read_captions(path: str, images_root: str | None = None) -> CaptionSet:
                                      f"{{\"image\": ..., \"captions\": [...]}}, found {line.strip()[:200]}")
                 pairs += [(entry["image"], str(t)) for t in texts]
                 continue
-            fields = line.rstrip("\n").split("\t")
+            fields = line.rstrip("\r\n").split("\t")
             if len(fields) != 2:
                 raise ValueError(f"{path}:{number}: expected 'image<TAB>caption', found {len(fields)} "
                                  f"tab-separated fields in {line.strip()[:200]!r}")
@@ -133,6 +141,17 @@ def read_captions(path: str, images_root: str | None = None) -> CaptionSet:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} images named in {path} are missing under "
                                 f"{images_root!r}, e.g. {missing[:5]}. Check --images-root.")
     return CaptionSet(paths, tuple(c for _, c in pairs), np.array([position[i] for i, _ in pairs], np.int64))
+
+
+def tokenize_captions(captions: Sequence[str], context_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """CLIP BPE ids int32 (N, context_length) of `captions`, over-long ones truncated with EOT last, and a
+    bool (N,) mask of those truncated. Each distinct caption is tokenized once, as far as the context reaches."""
+    to_ids = ClipTextTokenizer(default_tokenizer())
+    encoded = {caption: to_ids(caption, context_length) for caption in dict.fromkeys(captions)}
+    tokens = np.zeros((len(captions), context_length), np.int32)
+    for row, caption in enumerate(captions):
+        tokens[row] = encoded[caption][0]
+    return tokens, np.array([encoded[c][1] for c in captions], bool)
 
 
 def embed_images(bundle: Any, paths: Sequence[str], *, batch_size: int = 256, mesh: Mesh | None = None,
@@ -159,7 +178,7 @@ def embed_images(bundle: Any, paths: Sequence[str], *, batch_size: int = 256, me
     return features, decoded
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clip_jax.retrieval",
                                      description="Zero-shot image-text retrieval recall@k of a CLIP model.")
     parser.add_argument("--model", default="ViT-B/32", help="variant name, e.g. ViT-B/32 or RN50")
@@ -167,33 +186,43 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--captions", required=True, help="TSV (image<TAB>caption) or JSON-lines caption file")
     parser.add_argument("--images-root", help="directory the image paths are relative to "
                                               "(default: the caption file's directory)")
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch size (all hosts)")
-    parser.add_argument("--ks", default="1,5,10", help="comma-separated k of recall@k")
-    parser.add_argument("--num-threads", type=int, default=16, help="image decoding threads per host")
-    parser.add_argument("--out", help="write the results JSON here")
-    return parser.parse_args(argv)
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="global batch size (all hosts)")
+    parser.add_argument("--ks", type=positive_ints, default="1,5,10", help="comma-separated k of recall@k")
+    parser.add_argument("--num-threads", type=positive_int, default=16, help="image decoding threads per host")
+    parser.add_argument("--out", type=output_file, help="write the results JSON to this file")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = _parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     configure_logging()
     initialize_distributed()
+    mesh = make_mesh("data_parallel")
+    try:
+        check_batch_divisible(args.batch_size, mesh)
+    except ShardingError as err:
+        parser.error(f"--batch-size: {err}")
     started = time.time()
     data = read_captions(args.captions, args.images_root)
     bundle = clip_jax.load(args.weights or args.model)
-    mesh = make_mesh("data_parallel")
+    tokens, truncated = tokenize_captions(data.captions, bundle.context_length)  # before the long image pass
+    if truncated.any():
+        log.warning("%d of %d captions are longer than the %d-token context and were truncated (EOT kept last).",
+                    truncated.sum(), len(data.captions), bundle.context_length)
     image_features, decoded = embed_images(bundle, data.image_paths, batch_size=args.batch_size, mesh=mesh,
                                            num_threads=args.num_threads)
     # Corrupt images leave the evaluation together with their captions.
     kept_captions = decoded[data.text_to_image]
     new_index = np.cumsum(decoded) - 1
-    captions = [c for c, keep in zip(data.captions, kept_captions) if keep]
-    text_features = embed_texts(bundle, captions, batch_size=args.batch_size, mesh=mesh, desc="captions")
+    text_features = embed_rows(bundle.encode_text, tokens[kept_captions], batch_size=args.batch_size, mesh=mesh,
+                               desc="captions")
     metrics = retrieval_metrics(image_features[decoded], text_features, new_index[data.text_to_image[kept_captions]],
-                                ks=[int(k) for k in args.ks.split(",")])
+                                ks=args.ks)
     results = {"model": args.model, "weights": args.weights, "captions": args.captions,
-               "images_root": args.images_root, "n_images": int(decoded.sum()), "n_captions": len(captions),
-               "skipped": int((~decoded).sum()), **metrics, "time": round(time.time() - started, 2)}
+               "images_root": args.images_root, "n_images": int(decoded.sum()), "n_captions": int(kept_captions.sum()),
+               "skipped": int((~decoded).sum()), "truncated_captions": int(truncated[kept_captions].sum()), **metrics,
+               "time": round(time.time() - started, 2)}
     if jax.process_index() == 0:
         print("  ".join(f"{name} {100 * value:.2f}%" for name, value in metrics.items()))
         print(json.dumps(results, indent=2))

@@ -47,10 +47,11 @@ from clip_jax import eval_data
 from clip_jax.model import normalize
 from common.data.pipeline import RecordIterator, make_pipeline
 from common.data.sources import DatasetNotFoundError
+from common.cli import output_file, positive_int
 from common.data.transforms import CenterCrop, DecodeImage, Select
 from common.metrics import configure_logging
-from common.sharding import (batch_axis_size, batch_sharding, check_batch_divisible, initialize_distributed,
-                             make_mesh, replicated, shard_batch)
+from common.sharding import (ShardingError, batch_axis_size, batch_sharding, check_batch_divisible,
+                             initialize_distributed, make_mesh, replicated, shard_batch)
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def evaluate(bundle: Any, batches: Iterable[Mapping[str, np.ndarray]], weights: 
     return {**fractions, "n": n, "correct": correct, "skipped": skipped_over_hosts(batches)}
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clip_jax.zeroshot",
         description="Zero-shot classification accuracy of a CLIP model (CLIP paper section 3.1).")
@@ -239,32 +240,36 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tfds-name", help="tfds name with config/version, e.g. imagenet_v2/topimages")
     parser.add_argument("--split", help="split (default: the dataset's evaluation split)")
     parser.add_argument("--image-folder", help="read images from DIR/<class>/... instead of tfds")
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch size (all hosts)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="global batch size (all hosts)")
     parser.add_argument("--templates", default="all", choices=["all", "single"],
                         help="80 ensembled prompts, or 'a photo of a {}.'")
-    parser.add_argument("--num-threads", type=int, default=16, help="image decoding threads per host")
-    parser.add_argument("--out", help="write the results JSON here")
-    return parser.parse_args(argv)
+    parser.add_argument("--num-threads", type=positive_int, default=16, help="image decoding threads per host")
+    parser.add_argument("--out", type=output_file, help="write the results JSON to this file")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = _parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.dataset == "folder" and not args.image_folder:
+        parser.error("--dataset folder needs --image-folder DIR")
     configure_logging()
     initialize_distributed()
+    mesh = make_mesh("data_parallel")
+    try:
+        check_batch_divisible(args.batch_size, mesh)
+    except ShardingError as err:
+        parser.error(f"--batch-size: {err}")
     started = time.time()
     try:
         if args.dataset == "folder":
-            if not args.image_folder:
-                raise SystemExit("--dataset folder needs --image-folder DIR.")
-            eval_set = eval_data.image_folder_source(args.image_folder, split=args.split or "folder")
+            eval_set = eval_data.image_folder_source(args.image_folder, split=args.split)
         else:
             eval_set = eval_data.open_source(args.tfds_name or args.dataset, split=args.split,
                                              data_dir=args.data_dir, image_folder=args.image_folder)
     except DatasetNotFoundError as err:
         raise SystemExit(str(err)) from err
     bundle = clip_jax.load(args.weights or args.model)
-    mesh = make_mesh("data_parallel")
-    check_batch_divisible(args.batch_size, mesh)
     templates = load_templates(args.templates)
     log.info("%s: %d images, %d classes, %d templates", eval_set.description, len(eval_set.source),
              len(eval_set.classnames), len(templates))

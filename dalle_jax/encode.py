@@ -26,9 +26,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from common import sharding
+from common.cli import output_dir, positive_int
 from common.data.pipeline import make_pipeline
 from common.data.sources import ImageFolderSource, TarShardSource
-from common.data.transforms import CenterCrop, DecodeImage, Select, SkipRecord
+from common.data.transforms import CenterCrop, DecodeImage, Select, SkipRecord, field_value
 from common.data.writers import write_array_records
 from common.metrics import configure_logging, progress_bar
 from dalle_jax.api import encode_to_codes, load_dvae
@@ -38,7 +39,7 @@ EncodeFn = Callable[[jax.Array], jax.Array]  # uint8 (B, S, S, 3) -> int (B, h, 
 
 def captions_as_json(record: dict, rng: np.random.Generator) -> dict:
     """caption (one string or several) -> "captions": a JSON list, which batches as one string per record."""
-    caption = record.get("caption")
+    caption = field_value(record, "caption")
     if caption is None or not any(c.strip() for c in ((caption,) if isinstance(caption, str) else caption)):
         raise SkipRecord("missing_caption", f"{record.get('key')}: no usable caption")
     return {**record, "captions": json.dumps([caption] if isinstance(caption, str) else list(caption))}
@@ -89,18 +90,20 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--shards", help="img2dataset tar shards: a directory, glob or file")
     where.add_argument("--images", help="an image folder with captions.tsv or captions.jsonl")
-    parser.add_argument("--out", required=True, help="output directory of array_record shards")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    parser.add_argument("--records-per-shard", type=int, default=10_000)
+    parser.add_argument("--out", type=output_dir, required=True, help="output directory of array_record shards")
+    parser.add_argument("--image-size", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="global batch size")
+    parser.add_argument("--records-per-shard", type=positive_int, default=10_000)
     args = parser.parse_args(argv)
-    if args.image_size < 1 or args.batch_size < 1 or args.records_per_shard < 1:
-        parser.error("--image-size, --batch-size and --records-per-shard must be positive")
     configure_logging()
     sharding.initialize_distributed()
+    mesh = sharding.make_mesh("data_parallel")
+    try:
+        sharding.check_batch_divisible(args.batch_size, mesh)
+    except sharding.ShardingError as err:
+        parser.error(f"--batch-size: {err}")
     dvae = load_dvae(args.encoder, None, trust_pickle=args.trust_pickle)
     source = TarShardSource(args.shards) if args.shards else ImageFolderSource(args.images)
-    mesh = sharding.make_mesh("data_parallel")
     return write_code_shards(source, dvae_encoder(dvae.encoder_params, dvae.config), args.out,
                              image_size=args.image_size, global_batch_size=args.batch_size, mesh=mesh,
                              records_per_shard=args.records_per_shard)

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from common.cli import positive_int
 from common.memory import abstract_mesh, format_bytes, per_device_bytes
 from common.sharding import ShardingError
 from dalle_jax.transformer import DALLE
@@ -74,14 +75,15 @@ def plan(config: DALLEConfig, *, mesh: str, num_devices: int, global_batch: int)
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="12B")
-    parser.add_argument("--devices", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--devices", type=positive_int, nargs="+", default=[64, 256])
     parser.add_argument("--meshes", nargs="+", default=["fsdp", "fsdp_tp"])
-    parser.add_argument("--global-batch", type=int, default=1024)
+    parser.add_argument("--global-batch", type=positive_int, default=1024)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    if args.global_batch < 1 or min(args.devices) < 1:
-        parser.error("--global-batch and --devices must be positive")
-    config = decode_variant(args.variant)
+    try:
+        config = decode_variant(args.variant)
+    except ValueError as err:
+        parser.error(f"--variant: {err}")
     try:
         rows = [plan(config, mesh=m, num_devices=n, global_batch=args.global_batch)
                 for m in args.meshes for n in args.devices]

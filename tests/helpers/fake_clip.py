@@ -37,6 +37,8 @@ def word_id(word: str) -> int:
 
 
 class FakeClip:
+    context_length = 77  # CLIP BPE ids, as every CLIP bundle's
+
     def __init__(self, image_table: np.ndarray, word_vectors: Mapping[str, np.ndarray],
                  word_scales: Mapping[str, float] | None = None, image_size: int = 16):
         self.image_size = image_size

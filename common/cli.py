@@ -1,0 +1,55 @@
+"""argparse types for the command lines: a bad value is a usage error (exit 2) before any work starts.
+
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--ks", type=positive_ints, default="1,5,10")
+    parser.add_argument("--out", type=output_file)
+
+argparse turns the `ArgumentTypeError` these raise into its usage message and
+exit status 2, so a typo costs nothing instead of failing after hours of
+embedding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
+    return value
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """Comma-separated integers >= 1, e.g. "1,5,10"."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        return tuple(positive_int(part) for part in parts)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,5,10, found "
+                                         f"{text!r}") from None
+
+
+def output_file(text: str) -> str:
+    """A file path to write: not an existing directory, in a directory that exists."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a file path such as "
+                                         f"{os.path.join(text, 'results.json')!r}")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"the directory of {text!r} does not exist ({parent!r}); create it first")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """A directory to write into: an existing directory, or a path that does not exist yet."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory; expected a directory to write "
+                                         "shards into (existing or new)")
+    return text
