@@ -1,4 +1,4 @@
-"""Typed settings from experiment configs: one helper for every config dataclass."""
+"""Typed settings from experiment configs: config dataclasses and compute dtypes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import jax.numpy as jnp
+
 T = TypeVar("T")
+# What models compute in (DESIGN.md principle 4): float32, or a 16-bit type on accelerators. float64
+# needs jax_enable_x64 and is not a supported training precision.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def dataclass_from(cls: type[T], cfg: T | Mapping[str, Any] | Any) -> T:
@@ -23,3 +28,16 @@ def dataclass_from(cls: type[T], cfg: T | Mapping[str, Any] | Any) -> T:
         raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected a subset of {fields}: "
                          "fix the name or remove the field from the experiment config")
     return cls(**values)
+
+
+def compute_dtype(name: Any, field: str = "config.model.dtype") -> jnp.dtype:
+    """The compute dtype `name` (a string such as "bfloat16", or a dtype) names, one of `COMPUTE_DTYPES`."""
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in COMPUTE_DTYPES:
+        raise ValueError(f"{field}={name!r} is not a compute dtype; expected one of {', '.join(COMPUTE_DTYPES)} "
+                         "(bfloat16 on TPUs and recent GPUs, float32 on CPUs); set it with "
+                         f"--{field}=bfloat16, for example.")
+    return dtype

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import retrieval, zeroshot
@@ -23,6 +22,7 @@ from clip_jax.api import CLIPBundle
 from clip_jax.train import CLIPTask, clip_transform
 from clip_jax.variants import CLIPConfig, decode_variant
 from common import sharding
+from common.config import compute_dtype
 from common.data import pipeline, shapes, sources
 from common.trainer import Evaluator, Trainer
 
@@ -44,7 +44,7 @@ def model_config(cfg: Any) -> CLIPConfig:
 def make_task(config: Any, mesh: jax.sharding.Mesh) -> CLIPTask:
     """The `CLIPTask` that `config` (experiments/configs/clip_common.py) describes, its loss sharded over `mesh`."""
     m = config.model
-    return CLIPTask(model_config(m), loss=config.loss, dtype=jnp.dtype(m.get("dtype", "float32")),
+    return CLIPTask(model_config(m), loss=config.loss, dtype=compute_dtype(m.get("dtype", "float32")),
                     remat=m.get("remat", False), scan_layers=m.get("scan_layers", False),
                     freeze_batchnorm=m.get("freeze_batchnorm", False), mesh=mesh)
 

@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from common import sharding as sh
-from common.config import dataclass_from
+from common.config import compute_dtype, dataclass_from
 from common.data.pipeline import make_pipeline
 from common.data.sources import source_from_config
 from common.images import save_image_grid
@@ -31,7 +31,7 @@ from dalle_jax.dvae_train import DVAETask, LossConfig, codebook_stats, dvae_tran
 def make_task(config: ml_collections.ConfigDict) -> DVAETask:
     """The `DVAETask` that experiments/configs/dvae.py describes."""
     model_cfg = dict(config.model)
-    dtype = jnp.dtype(model_cfg.pop("dtype", "float32"))
+    dtype = compute_dtype(model_cfg.pop("dtype", "float32"))
     model = DVAE(DVAEConfig(**model_cfg), dtype=dtype, param_dtype=jnp.float32)
     return DVAETask(model, dataclass_from(LossConfig, config.loss), image_size=config.image_size)
 

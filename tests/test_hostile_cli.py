@@ -111,3 +111,19 @@ def test_retrieval_truncates_an_over_long_caption_and_counts_it(tmp_path, bundle
     assert json.loads(out.read_text()) == result
     assert (result["n_captions"], result["truncated_captions"]) == (3, 1)
     assert result["text_to_image_R@1"] == result["image_to_text_R@1"] == 1.0
+
+
+def test_an_unsupported_compute_dtype_is_refused_naming_the_supported_ones(n_devices):
+    from common.config import compute_dtype
+    from common.sharding import make_mesh
+    from experiments import train_clip, train_dvae
+    from experiments.configs import clip_vit_b32, dvae
+
+    assert [compute_dtype(n).name for n in ("float32", "bfloat16", "float16")] == ["float32", "bfloat16", "float16"]
+    clip_config, dvae_config = clip_vit_b32.get_config("smoke"), dvae.get_config("smoke")
+    clip_config.model.dtype = dvae_config.model.dtype = "float64"
+    allowed = "config.model.dtype='float64' is not a compute dtype; expected one of float32, bfloat16, float16"
+    with pytest.raises(ValueError, match=allowed):
+        train_clip.make_task(clip_config, make_mesh("data_parallel"))
+    with pytest.raises(ValueError, match=allowed):
+        train_dvae.make_task(dvae_config)
