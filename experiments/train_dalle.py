@@ -25,6 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from common import sharding
+from common.config import compute_dtype
 from common.data import pipeline, shapes
 from common.data.sources import ArrayRecordSource, ShapesSource
 from common.data.transforms import Compose, Select, Tokenize
@@ -49,7 +50,7 @@ def model_config(model_cfg: Any) -> DALLEConfig:
 
 def make_task(config: Any) -> DALLETask:
     m = config.model
-    return DALLETask(model_config(m), caption_dropout=config.caption_dropout, dtype=jnp.dtype(m.dtype),
+    return DALLETask(model_config(m), caption_dropout=config.caption_dropout, dtype=compute_dtype(m.dtype),
                      remat=m.remat, scan_layers=m.scan_layers)
 
 
