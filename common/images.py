@@ -104,7 +104,7 @@ class _StrictTruncation:
 _STRICT_TRUNCATION = _StrictTruncation()
 
 
-def read_image_file(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+def _read_regular_file(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes of the regular file `path`, refusing special files and files over `max_bytes`.
 
     The file is opened non-blocking and checked with fstat before any read, so a FIFO
@@ -140,7 +140,7 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike, *, ma
     corrupt, truncated and non-image inputs fail here rather than later inside
     a training step. The image keeps its own mode ("P", "RGBA", "I;16", ...);
     `clip_preprocess` handles the conversion to RGB the way CLIP does. A path
-    is read by `read_image_file`; more than `max_bytes` encoded bytes or
+    is read by `_read_regular_file`; more than `max_bytes` encoded bytes or
     `max_pixels` pixels (checked from the header, before decoding) is refused.
 
     Raises:
@@ -150,7 +150,7 @@ def decode_image(data: bytes | bytearray | memoryview | str | os.PathLike, *, ma
     """
     if isinstance(data, (str, os.PathLike)):
         source = f"file {os.fspath(data)!r}"
-        data = read_image_file(data, max_bytes)
+        data = _read_regular_file(data, max_bytes)
     else:
         data = bytes(data)
         source = f"{len(data)} bytes starting {data[:8]!r}"

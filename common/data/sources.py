@@ -78,7 +78,7 @@ class Unreadable:
     detail: str
 
 
-def warn_outside_root(root: str, paths: Sequence[str], what: str) -> int:
+def _warn_outside_root(root: str, paths: Sequence[str], what: str) -> int:
     """Logs once how many of `paths` resolve outside `root`, naming the first; returns that count.
 
     A path leaves the root through "..", an absolute path, a symlinked
@@ -141,7 +141,7 @@ def _expand_paths(spec: str | os.PathLike | Sequence[str | os.PathLike], ext: st
         root = pattern if os.path.isdir(pattern) else os.path.dirname(pattern)
         while glob.has_magic(root):
             root = os.path.dirname(root)
-        warn_outside_root(root or os.curdir, paths, f"{ext} files")
+        _warn_outside_root(root or os.curdir, paths, f"{ext} files")
     return paths
 
 
@@ -340,7 +340,7 @@ class ImageFolderSource:
             where = self.captions_file or f"no captions file, no {'/'.join(IMAGE_EXTENSIONS)} files"
             raise DatasetNotFoundError(f"Image folder {self.root!r} lists no images ({where}).")
         listed = [os.path.join(self.root, path) for path, _ in self._entries if path is not None]
-        self.outside_root = warn_outside_root(self.root, listed, "images")
+        self.outside_root = _warn_outside_root(self.root, listed, "images")
 
     def _caption_entries(self, image_field: str, caption_field: str) -> list[tuple[str | None, str | None]]:
         if not self.captions_file.endswith((".tsv", ".jsonl")):

@@ -81,7 +81,7 @@ def example_metadata(example: Mapping[str, Any], key: str) -> dict[str, Any]:
     return meta
 
 
-def path_component(name: str, what: str) -> str:
+def _path_component(name: str, what: str) -> str:
     """`name` if it is one visible file name, which cannot reach outside the directory it is joined to."""
     if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
         raise ValueError(f"{what} {name!r} cannot name a file or folder inside the output directory: expected one "
@@ -138,7 +138,7 @@ def write_image_folder(dataset: Sequence[Mapping[str, Any]], root: str | os.Path
             if not isinstance(example.get(by), str):
                 raise ValueError(f"Expected every example to have a str label {by!r} to group by, "
                                  f"found {example.get(by)!r} in example {key}.")
-            folder = path_component(example[by].replace(" ", "_"), f"Label {by!r} of example {key}")
+            folder = _path_component(example[by].replace(" ", "_"), f"Label {by!r} of example {key}")
             os.makedirs(os.path.join(root, folder), exist_ok=True)
         relative = os.path.join(folder, f"{key}.png")
         _write_atomically(os.path.join(root, relative), encode_image(example["image"], "png"))
@@ -209,7 +209,7 @@ def write_array_records(records: Iterable[Mapping[str, Any]], out_dir: str | os.
 
     if records_per_shard < 1:
         raise ValueError(f"Expected records_per_shard >= 1, found {records_per_shard}.")
-    path_component(prefix, "Shard prefix")
+    _path_component(prefix, "Shard prefix")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     paths: list[str] = []
