@@ -127,3 +127,9 @@ def test_an_unsupported_compute_dtype_is_refused_naming_the_supported_ones(n_dev
         train_clip.make_task(clip_config, make_mesh("data_parallel"))
     with pytest.raises(ValueError, match=allowed):
         train_dvae.make_task(dvae_config)
+
+
+def test_retrieval_captions_with_a_carriage_return_stay_one_line(tmp_path):
+    code_image(0).save(tmp_path / "img0.png")
+    (tmp_path / "captions.tsv").write_bytes(b"img0.png\tred\rsquare\r\nimg0.png\tred\n")
+    assert retrieval.read_captions(str(tmp_path / "captions.tsv")).captions == ("red\rsquare", "red")

@@ -642,7 +642,8 @@ def source_from_config(data_cfg: Any):
             data_cfg.split, data_cfg.num_examples, ShapesConfig(image_size=data_cfg.render_size)))
     if kind == "tar":
         return TarShardSource(data_cfg.shards, index_dir=data_cfg.get("index_dir"),
-                              caption_field=data_cfg.get("caption_field", "caption"))
+                              caption_field=data_cfg.get("caption_field", "caption"),
+                              max_member_bytes=data_cfg.get("max_member_bytes", MAX_IMAGE_BYTES))
     if kind == "folder":
         return ImageFolderSource(data_cfg.root, captions_file=data_cfg.get("captions_file"))
     if kind == "tfds":
