@@ -206,8 +206,9 @@ def _cached_index(path: str, index_dir: str | None) -> dict[str, np.ndarray]:
                 if int(stored["source_size"]) == stat.st_size and int(stored["source_mtime_ns"]) == stat.st_mtime_ns:
                     index = {k: stored[k] for k in ("keys", "image", "caption", "caption_kind")}
                     n = len(index["keys"])
-                    if (index["image"].shape, index["caption"].shape, index["caption_kind"].shape) != ((n, 2), (n, 2), (n,)):
-                        raise ValueError(f"arrays of inconsistent shapes {[a.shape for a in index.values()]}")
+                    found = [index[k].shape for k in ("image", "caption", "caption_kind")]
+                    if found != [(n, 2), (n, 2), (n,)]:
+                        raise ValueError(f"{n} keys but arrays of shapes {found}")
                     return index
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             log.warning("Tar index cache %s is damaged (%s: %s); rebuilding it from %s.", cache,
