@@ -7,7 +7,6 @@ writes and records skipped at the end of an epoch.
 """
 
 import concurrent.futures
-import io
 import logging
 import os
 import struct
@@ -32,7 +31,7 @@ from common.data.transforms import (
 from common.data.writers import encode_image, write_array_records, write_image_folder, write_tar_shards
 from common.images import ImageDecodeError, clip_preprocess, decode_image
 from common.tokenizers.clip_bpe import ClipTokenizer, default_tokenizer
-from common.tokenizers.sentencepiece import SentencePieceTokenizer, train_bpe
+from common.tokenizers.sentencepiece import train_bpe
 
 READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 PIXELS = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
