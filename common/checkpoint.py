@@ -8,6 +8,7 @@ API). Each step directory holds two items:
              shardings of an abstract target, so a run saved on one mesh
              resumes on another (e.g. saved FSDP over (8,), restored on (2, 4)).
   metadata/  a JSON dict (config, step, data-iterator state, ...).
+  checksums/ a JSON dict: one checksum per array of `state` (`array_checksums`).
 
 Atomicity comes from orbax: on local and mounted file systems a step is written
 into `<step>.orbax-checkpoint-tmp` and renamed to `<step>` only once every file
@@ -15,6 +16,14 @@ is on disk (on GCS, where renames are not atomic, a `commit_success.txt` file
 marks the commit instead). A process killed mid-save therefore leaves the
 previous step as the latest; the debris is ignored, and replaced by the next
 save of that step.
+
+Integrity is checked on restore. Every save records a checksum of each array,
+computed on the devices from the global array (each device hashes its shard,
+the sums meet in an all-reduce), so it does not depend on the mesh: a restore
+onto another mesh recomputes and compares it. A step whose files are missing,
+truncated or altered raises `CheckpointCorruptError` naming the step, the
+fault and the previous step; `restore(fall_back=True)` moves such a step aside
+(`<step>.damaged`) and restores the newest intact one instead.
 
     with CheckpointManager(workdir / "ckpt", max_to_keep=3) as ckpt:
         ckpt.save(step, state, {"config": cfg.to_dict(), "data": it_state})
@@ -25,18 +34,26 @@ save of that step.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocp_policies
+
+log = logging.getLogger(__name__)
 
 _STATE = "state"
 _METADATA = "metadata"
+_CHECKSUMS = "checksums"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
+_DAMAGED_SUFFIX = ".damaged"
 _MAX_LISTED = 20  # keys listed per kind of mismatch before "... and N more"
+_CHECKSUM_C = 0x9E3779BA  # even (2**32 / golden ratio, rounded to even): position weights C * i + 1 are odd
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -45,6 +62,22 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 class CheckpointMismatchError(ValueError):
     """The restore target does not match the tree or shapes on disk."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A committed step cannot be read back as it was written (files missing, truncated or altered)."""
+
+    def __init__(self, directory: str, step: int, problem: str, previous: int | None):
+        self.step, self.problem, self.previous = step, problem, previous
+        if previous is None:
+            advice = (f"There is no earlier checkpoint: restore the files of step {step} from a copy, or move "
+                      f"{directory} away to start from scratch.")
+        else:
+            advice = (f"The previous checkpoint is step {previous}: restore it with restore({previous}), or let "
+                      f"restore(fall_back=True) (the trainer: fallback_to_previous_checkpoint=True, e.g. "
+                      f"--config.trainer.fallback_to_previous_checkpoint=True) move step {step} aside to "
+                      f"{step}{_DAMAGED_SUFFIX} and resume from step {previous}.")
+        super().__init__(f"Step {step} in {directory} is damaged: {problem}. {advice}")
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -106,6 +139,7 @@ class CheckpointManager:
         for name, save_args, restore_args in (
             (_STATE, ocp.args.StandardSave, ocp.args.StandardRestore),
             (_METADATA, ocp.args.JsonSave, ocp.args.JsonRestore),
+            (_CHECKSUMS, ocp.args.JsonSave, ocp.args.JsonRestore),
         ):
             registry.add(name, save_args)
             registry.add(name, restore_args)
@@ -146,15 +180,14 @@ class CheckpointManager:
                 f"numbers, bool, None); {e}. Convert it first, e.g. "
                 f"ConfigDict.to_dict(), bytes.decode(), int(np_scalar)."
             ) from e
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(metadata)}
-            ),
-            force=force,
-        )
+        items = {
+            _STATE: ocp.args.StandardSave(state),
+            _METADATA: ocp.args.JsonSave(metadata),
+            _CHECKSUMS: ocp.args.JsonSave(array_checksums(state)),
+        }
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int | None = None, *, target: Any) -> tuple[Any, dict]:
+    def restore(self, step: int | None = None, *, target: Any, fall_back: bool = False) -> tuple[Any, dict]:
         """Restores `(state, metadata)` of `step` (default: the latest).
 
         Args:
@@ -164,33 +197,75 @@ class CheckpointManager:
             `abstract_like`), with the tree structure and shapes of the saved
             state. Arrays are read directly into these shardings, whatever mesh
             the checkpoint was written from; a target dtype that differs from
-            the stored one is cast to (e.g. fp32 params restored as bf16).
+            the stored one is cast to (e.g. fp32 params restored as bf16; such
+            arrays are not compared with their checksums).
+          fall_back: with `step=None`, a damaged latest step is moved aside to
+            `<step>.damaged` (kept for inspection, no longer listed) with a
+            warning, and the previous step is tried, down to the oldest.
 
         Raises:
           CheckpointNotFoundError: no committed checkpoint / no such step.
           CheckpointMismatchError: tree structure or shapes differ from disk.
+          CheckpointCorruptError: files of the step are missing, unreadable or
+            differ from their checksums (and `fall_back` found no intact step).
           TypeError: a target leaf is not abstract or has no sharding.
         """
-        step = self._resolve_step(step)
         target = jax.tree_util.tree_map_with_path(_abstract_leaf, target)
-        stored = self._manager.item_metadata(step)[_STATE].tree
-        self._check_matches(step, target, stored)
+        while True:
+            resolved = self._resolve_step(step)
+            try:
+                return self._restore_step(resolved, target)
+            except CheckpointCorruptError as err:
+                if not fall_back or step is not None or err.previous is None:
+                    raise
+                aside = self._set_aside(resolved)
+                log.warning("Step %d in %s is damaged: %s. Moved it to %s; trying step %d.",
+                            resolved, self.directory, err.problem, aside, err.previous)
+
+    def _restore_step(self, step: int, target: Any) -> tuple[Any, dict]:
+        """Reads one step and checks its arrays against their checksums."""
+        problem, restored = None, None
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        _STATE: ocp.args.StandardRestore(target),
-                        _METADATA: ocp.args.JsonRestore(),
-                    }
-                ),
-            )
-        except ValueError as e:
-            raise CheckpointMismatchError(
-                f"Could not restore step {step} of {self.directory} into the given "
-                f"target: {e}"
-            ) from e
+            items = self._manager.item_metadata(step)
+        except Exception as e:  # noqa: BLE001 - any unreadable description is damage, named below
+            items, problem = {}, f"its description cannot be read ({_first_line(e)})"
+        stored = items.get(_STATE)
+        if problem is None and stored is None:
+            problem = f"the description of its arrays ({_STATE}/_METADATA) is missing or unreadable"
+        if problem is None:
+            self._check_matches(step, target, stored.tree)
+            args = {_STATE: ocp.args.StandardRestore(target), _METADATA: ocp.args.JsonRestore()}
+            if _CHECKSUMS in items:
+                args[_CHECKSUMS] = ocp.args.JsonRestore()
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+            except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types for bad files
+                problem = f"its files cannot be read ({_first_line(e)})"
+        problem = _agreed_problem(problem)  # every process raises, or none does
+        if problem is None:
+            if _CHECKSUMS in items:
+                problem = _checksum_problem(restored[_STATE], restored[_CHECKSUMS], stored.tree, target)
+            else:
+                log.warning("Step %d in %s has no array checksums (saved by an older version): not verified.",
+                            step, self.directory)
+        if problem is not None:
+            earlier = [s for s in self.all_steps() if s < step]
+            raise CheckpointCorruptError(self.directory, step, problem, earlier[-1] if earlier else None)
         return restored[_STATE], restored[_METADATA]
+
+    def _set_aside(self, step: int) -> str:
+        """Renames a damaged step to `<step>.damaged` (process 0) so it is neither listed nor in the
+        way of saving that step again; returns the new path."""
+        root = self._manager.directory
+        aside = root / f"{step}{_DAMAGED_SUFFIX}"
+        if jax.process_index() == 0:
+            n = 1
+            while aside.exists():
+                aside, n = root / f"{step}{_DAMAGED_SUFFIX}.{n}", n + 1
+            (root / str(step)).rename(aside)
+        multihost_utils.sync_global_devices(f"checkpoint: step {step} set aside")
+        self._manager.reload()
+        return os.fspath(aside)
 
     def restore_metadata(self, step: int | None = None) -> dict:
         """The JSON metadata of `step` (default: latest), without reading arrays."""
@@ -282,16 +357,102 @@ class CheckpointManager:
             )
 
 
+def array_checksums(tree: Any) -> dict[str, int]:
+    """A 32-bit checksum of every array in `tree`, keyed by its dotted path, equal on any mesh.
+
+    Each array's raw bits, read as unsigned 32-bit words w_i (i: the row-major position in the
+    global array), give sum_i w_i * (C * i + 1) mod 2**32 with C even: every weight is odd, so a
+    change of any one word always changes the sum, and damage to several words goes unnoticed with
+    probability about 2**-32. The sum runs on the devices that hold the array, each over its shard,
+    and the partial sums meet in an all-reduce; being exact integer arithmetic it is the same
+    whatever the mesh or reduction order. A collective under multi-host: every process calls it.
+    A replicated array is hashed once, from this process's copy, not on every device that holds it.
+    """
+    arrays = ocp.tree.to_flat_dict(tree, sep=".")
+    copies = {k: x.addressable_data(0) for k, x in arrays.items()
+              if isinstance(x, jax.Array) and x.sharding.is_fully_replicated}
+    spread = {k: x for k, x in arrays.items() if k not in copies}
+    with jax.set_mesh(None):  # arrays carry their shardings; a caller's mesh would refuse the copies
+        sums = {**_checksum_tree(copies), **_checksum_tree(spread)}  # (): uint32 each
+    return {k: int(np.asarray(v.addressable_data(0))) for k, v in sums.items()}
+
+
+@jax.jit
+def _checksum_tree(tree: Any) -> Any:
+    return jax.tree.map(_array_checksum, tree)
+
+
+def _array_checksum(x: jax.Array) -> jax.Array:
+    """uint32 weighted sum of the array's 32-bit words (see `array_checksums`)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.iscomplexobj(x):
+        x = jnp.stack([x.real, x.imag], axis=-1)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = 8 * x.dtype.itemsize
+    words = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}"))
+    if bits > 32:
+        words = jax.lax.bitcast_convert_type(words, jnp.uint32)  # (..., bits // 32)
+    words = words.astype(jnp.uint32)
+    position = jnp.zeros(words.shape, jnp.uint32)  # row-major index in the global array, mod 2**32
+    stride = 1
+    for dim in reversed(range(words.ndim)):
+        position += jax.lax.broadcasted_iota(jnp.uint32, words.shape, dim) * np.uint32(stride % 2**32)
+        stride *= words.shape[dim]
+    return jnp.sum(words * (position * np.uint32(_CHECKSUM_C) + np.uint32(1)), dtype=jnp.uint32)
+
+
+def _checksum_problem(state: Any, saved: dict[str, int], stored: Any, target: Any) -> str | None:
+    """Which restored arrays differ from the checksums saved with them (None: all match). Arrays
+    restored into another dtype than the stored one are cast, so they are not compared."""
+    now = array_checksums(state)
+    stored_dtypes = {k: np.dtype(v.dtype) for k, v in ocp.tree.to_flat_dict(stored, sep=".").items()}
+    target_dtypes = {k: np.dtype(_stored_struct(v).dtype) for k, v in ocp.tree.to_flat_dict(target, sep=".").items()}
+    compared = [k for k in now if stored_dtypes.get(k) == target_dtypes.get(k)]
+    problems = [(f"{len(keys)} array(s) {why}: " + ", ".join(keys[:_MAX_LISTED])
+                 + (f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""))
+                for why, keys in (
+                    ("differ from the checksums saved with them (the files changed after the save)",
+                     sorted(k for k in compared if k in saved and saved[k] != now[k])),
+                    ("have no saved checksum (the checksums file was altered)", sorted(set(compared) - set(saved))),
+                ) if keys]
+    return "; ".join(problems) or None
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost cause's type and first line: what went wrong, without orbax's and
+    tensorstore's chained tracebacks and specs."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _agreed_problem(problem: str | None) -> str | None:
+    """`problem` made the same on every process: if any process failed to read its part, all fail."""
+    if jax.process_count() == 1:
+        return problem
+    failed = multihost_utils.process_allgather(np.int32(problem is not None))  # (P,)
+    if problem is None and failed.any():
+        problem = f"process {int(np.argmax(failed))} could not read its part of the arrays (see its log)"
+    return problem
+
+
 def _as_array(x: Any) -> np.ndarray:
     """A Python/NumPy scalar as a 0-d array of JAX's default dtype for it."""
     return np.asarray(x, dtype=jax.dtypes.canonicalize_dtype(np.result_type(x)))
 
 
-def _stored_shape(x: jax.ShapeDtypeStruct) -> tuple[int, ...]:
-    """Shape on disk: typed PRNG keys are stored as their uint32 key data."""
+def _stored_struct(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """Shape and dtype on disk: typed PRNG keys are stored as their uint32 key data."""
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return tuple(jax.eval_shape(jax.random.key_data, x).shape)
-    return tuple(x.shape)
+        return jax.eval_shape(jax.random.key_data, x)
+    return x
+
+
+def _stored_shape(x: jax.ShapeDtypeStruct) -> tuple[int, ...]:
+    return tuple(_stored_struct(x).shape)
 
 
 def _savable_leaf(path, x: Any) -> Any:

@@ -6,6 +6,10 @@ Only process 0 writes (DESIGN.md, principle 3): on every other host a :class:`Me
 ``metrics.jsonl`` holds one JSON object per ``write_scalars`` call, ``{"step", "time", name: value}``.
 It is opened in append mode so a resumed run continues the same file; a line cut short by
 preemption is closed with a newline on reopening and skipped (with a warning) by :func:`read_jsonl`.
+A resumed run logs every step exactly once across kill + resume: the trainer flushes the writer at
+each checkpoint and records the file's length there (``bytes_written``), and the writer of the
+resumed run (``resume_step``, ``resume_bytes``) first drops what the killed run wrote after that
+checkpoint, since the resumed run writes those steps again.
 TensorBoard event files come from ``tensorboardX`` (no TensorFlow needed).
 """
 
@@ -29,6 +33,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 JSONL_NAME = "metrics.jsonl"
+log = logging.getLogger(__name__)
 _RESERVED = ("step", "time")
 
 
@@ -52,15 +57,52 @@ def _ends_mid_line(path: Path) -> bool:
         return f.read(1) != b"\n"
 
 
+def _logged_at_or_before(line: bytes, step: int) -> bool:
+    try:
+        return int(json.loads(line)["step"]) <= step
+    except (ValueError, KeyError, TypeError):
+        return False  # an unreadable line: a write cut short
+
+
+def _rewind(path: Path, step: int, size: int | None) -> None:
+    """Drops the records a run resuming at ``step`` writes again: the bytes past ``size`` (the file's
+    length at that checkpoint), or, when that is unknown or no longer fits the file, every record past
+    ``step`` and every unreadable line. Rewrites the file atomically (a temporary file, then a rename)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if size is not None and size <= len(data) and (size == 0 or data[size - 1 : size] == b"\n"):
+        kept = data[:size]
+    else:
+        if size is not None:
+            log.warning("%s is not the file the checkpoint of step %d saw (%d bytes then, %d now): keeping "
+                        "its records up to step %d", path, step, size, len(data), step)
+        kept = b"".join(line.rstrip(b"\n") + b"\n" for line in data.splitlines(keepends=True)
+                        if _logged_at_or_before(line, step))
+    if kept == data:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(kept)
+    os.replace(tmp, path)
+    log.info("Resuming at step %d: dropped %d line(s) of %s written after that checkpoint",
+             step, len(data.splitlines()) - len(kept.splitlines()), path)
+
+
 class MetricWriter:
     """Writes scalars to ``logdir/metrics.jsonl`` and TensorBoard, images to TensorBoard.
 
     Args:
       logdir: directory for ``metrics.jsonl`` and ``events.out.tfevents.*`` files (created if needed).
       enabled: write or not; ``None`` (default) writes only on ``jax.process_index() == 0``.
+      resume_step: the step a run continues from (0: from scratch), or None to append to whatever is
+        there. Records of an earlier run past that point are dropped first, as the run writes them
+        again: those after byte ``resume_bytes`` (``bytes_written`` when that checkpoint was taken),
+        or without it those whose step is past ``resume_step``. TensorBoard hides its events past
+        ``resume_step`` likewise (``purge_step``).
     """
 
-    def __init__(self, logdir: str | os.PathLike, *, enabled: bool | None = None):
+    def __init__(self, logdir: str | os.PathLike, *, enabled: bool | None = None, resume_step: int | None = None,
+                 resume_bytes: int | None = None):
         self.logdir = Path(logdir)
         self.enabled = _is_chief(enabled)
         self._jsonl = None
@@ -69,10 +111,13 @@ class MetricWriter:
             return
         self.logdir.mkdir(parents=True, exist_ok=True)
         path = self.logdir / JSONL_NAME
+        if resume_step is not None:
+            _rewind(path, resume_step, resume_bytes)
         self._jsonl = path.open("a", encoding="utf-8")
         if _ends_mid_line(path):  # the previous run died mid-line; keep its records readable
             self._jsonl.write("\n")
-        self._tb = tensorboardX.SummaryWriter(logdir=str(self.logdir), flush_secs=30)
+        purge = None if resume_step is None else resume_step + 1
+        self._tb = tensorboardX.SummaryWriter(logdir=str(self.logdir), flush_secs=30, purge_step=purge)
 
     def _check_open(self) -> None:
         if self._jsonl is None:
@@ -107,9 +152,19 @@ class MetricWriter:
             self._tb.add_images(name, array, global_step=int(step), dataformats="NHWC")
 
     def flush(self) -> None:
+        """Hands everything written so far to the operating system, so it survives a killed process."""
         if self._jsonl is not None:
             self._jsonl.flush()
             self._tb.flush()
+
+    @property
+    def bytes_written(self) -> int | None:
+        """Length of ``metrics.jsonl`` once flushed (None when not writing): what a checkpoint records so
+        that a run resumed from it can drop what was written later (``resume_bytes``)."""
+        if self._jsonl is None:
+            return None
+        self.flush()
+        return self._jsonl.tell()
 
     def close(self) -> None:
         if self._jsonl is not None:

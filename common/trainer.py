@@ -13,7 +13,12 @@ first (`common.sharding.make_mesh`) and given to the task and to the `Trainer`. 
   * checkpoints the state *and* the data-iterator state every N steps and on
     SIGTERM, so a resumed run replays exactly the batches it would have seen:
     a run killed at step k and restarted reaches bitwise the same parameters
-    as one never killed;
+    as one never killed, and its log holds every step exactly once;
+  * guards the workdir (`common/run_guard.py`): one run at a time, and a
+    resume that changes what is trained (learning rate, batch size, ...) is
+    refused unless forced; a damaged checkpoint (`common/checkpoint.py`
+    verifies checksums) is reported with the previous one, or skipped with
+    `fallback_to_previous_checkpoint`;
   * optionally keeps an exponential moving average of the parameters
     (`ema_decay`), which evaluation then uses;
   * runs named `evaluators` every `eval_every` steps and at the end, writing
@@ -41,7 +46,7 @@ from jax.experimental import multihost_utils
 
 from common import checkpoint as ckpt
 from common import metrics as metrics_lib
-from common import optim, sharding
+from common import optim, run_guard, sharding
 from common.config import dataclass_from
 
 log = logging.getLogger(__name__)
@@ -132,6 +137,8 @@ class TrainerConfig:
     async_checkpoints: bool = True
     max_nonfinite_streak: int = 10  # consecutive skipped steps before the run stops
     progress: bool = True
+    fallback_to_previous_checkpoint: bool = False  # resume from the newest intact checkpoint if the latest is damaged
+    allow_config_change: bool = False  # resume even if learning rate, schedule, batch size, ... changed
 
     def __post_init__(self):
         if not 0.0 <= self.ema_decay < 1.0:
@@ -324,11 +331,15 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------
     def restore_if_any(self, data: DataIterator | None) -> int:
         """Loads the latest checkpoint (state + data position); returns its step or 0."""
-        step = self.checkpoints.latest_step()
-        if step is None:
-            return 0
+        return self._restore(data)[0]
+
+    def _restore(self, data: DataIterator | None) -> tuple[int, dict]:
+        """(step, metadata) of the checkpoint loaded into the state and `data`; (0, {}) if none."""
+        if self.checkpoints.latest_step() is None:
+            return 0, {}
         target = ckpt.abstract_like(self.state, self.state_shardings)
-        self.state, meta = self.checkpoints.restore(step, target=target)
+        self.state, meta = self.checkpoints.restore(target=target, fall_back=self.cfg.fallback_to_previous_checkpoint)
+        step = int(jax.device_get(self.state.step))
         states = meta.get("data_state")  # one per process, in process order
         if data is not None and states is not None:
             if len(states) != jax.process_count():
@@ -339,13 +350,20 @@ class Trainer:
                 )
             data.set_state(states[jax.process_index()])
         log.info("Resumed from %s at step %d", self.checkpoints.directory, step)
-        return step
+        return step, meta
 
-    def save(self, data: DataIterator | None, *, force: bool = False) -> bool:
+    def _config_record(self) -> dict[str, Any]:
+        return {"trainer": dataclasses.asdict(self.cfg), "optim": dataclasses.asdict(self.optim_cfg)}
+
+    def save(self, data: DataIterator | None, *, force: bool = False,
+             writer: metrics_lib.MetricWriter | None = None) -> bool:
+        """Checkpoints the state, each host's data position, the configs and, when a `writer` is given,
+        the length of its log once flushed (so a resume drops what is logged after this point)."""
         step = int(jax.device_get(self.state.step))
         # Every host reads its own shard, so every host's iterator state is kept;
-        # orbax writes the JSON metadata from process 0 only.
-        meta = {"step": step, "data_state": _gather_from_processes(data.get_state()) if data is not None else None}
+        # orbax writes the JSON metadata from process 0 only, whose log length is the one kept.
+        meta = {"step": step, "data_state": _gather_from_processes(data.get_state()) if data is not None else None,
+                "config": self._config_record(), "log_bytes": writer.bytes_written if writer is not None else None}
         return self.checkpoints.save(step, self.state, meta, force=force)
 
     # -- evaluation -----------------------------------------------------------
@@ -383,11 +401,26 @@ class Trainer:
     # -- the loop -------------------------------------------------------------
     def fit(self, data: DataIterator, evaluators: Mapping[str, Evaluator] | None = None) -> TrainResult:
         """Trains to `total_steps` (resuming from the latest checkpoint); runs `evaluators` every
-        `eval_every` steps and once at the end, unless the run was preempted."""
+        `eval_every` steps and once at the end, unless the run was preempted.
+
+        Raises:
+          run_guard.WorkdirInUseError: another run is training in this workdir.
+          run_guard.ConfigChangeError: the checkpoint was trained with another learning rate, schedule,
+            batch size, ... (unless `allow_config_change`), or `total_steps` is below its step.
+          checkpoint.CheckpointCorruptError: the latest checkpoint is damaged (unless
+            `fallback_to_previous_checkpoint` finds an intact one).
+        """
+        with run_guard.one_run_in(self.workdir):
+            return self._fit(data, dict(evaluators or {}))
+
+    def _fit(self, data: DataIterator, evaluators: dict[str, Evaluator]) -> TrainResult:
         cfg = self.cfg
-        evaluators = dict(evaluators or {})
-        start = self.restore_if_any(data)
-        writer = metrics_lib.MetricWriter(self.workdir)
+        start, meta = self._restore(data)
+        if meta:
+            run_guard.check_resumed_config(meta.get("config"), self._config_record(), step=start,
+                                           where=self.checkpoints.directory, allow_changes=cfg.allow_config_change)
+        # Drop what a killed run logged after its checkpoint: this run logs those steps again.
+        writer = metrics_lib.MetricWriter(self.workdir, resume_step=start, resume_bytes=meta.get("log_bytes") if meta else 0)
         history: list[dict[str, float]] = []
         evaluations: dict[str, dict[str, float]] = {}
         bar = metrics_lib.progress_bar(cfg.total_steps, "train", enabled=None if cfg.progress else False, initial=start)
@@ -423,7 +456,7 @@ class Trainer:
                     preempted = preempted or self.checkpoints.reached_preemption(step)
                     if step % cfg.checkpoint_every == 0 or last or preempted:
                         self._check_finite()
-                        self.save(data, force=last or preempted)
+                        self.save(data, force=last or preempted, writer=writer)
                     if preempted:
                         break
                 seconds = time.perf_counter() - t0
