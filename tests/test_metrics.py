@@ -163,3 +163,31 @@ def test_plot_curves(tmp_path):
     with pytest.raises(ValueError, match=r"available: \['loss', 'lr', 'time'\]"):
         plot_curves(records, ["accuracy"], tmp_path / "missing.png")
 
+
+
+def test_resume_drops_what_was_logged_after_the_checkpoint(tmp_path):
+    """The records past a checkpoint (its `bytes_written`) go, whatever their steps (an evaluation
+    at the checkpoint's step written after it included); without that length, the steps past it go."""
+    with MetricWriter(tmp_path, enabled=True) as writer:
+        for step in (1, 2, 3):
+            writer.write_scalars(step, {"loss": 1.0 / step})
+        at_checkpoint = writer.bytes_written  # flushed: on disk even if the process is killed now
+        assert (tmp_path / "metrics.jsonl").stat().st_size == at_checkpoint
+        writer.write_scalars(3, {"eval/acc": 0.5})  # after the checkpoint of step 3
+        writer.write_scalars(4, {"loss": 0.25})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # killed mid-write
+    with MetricWriter(tmp_path, enabled=True, resume_step=3, resume_bytes=at_checkpoint) as writer:
+        writer.write_scalars(3, {"eval/acc": 0.75})
+        writer.write_scalars(4, {"loss": 0.2})
+    assert [(r["step"], r.get("loss", r.get("eval/acc"))) for r in read_jsonl(tmp_path)] == [
+        (1, 1.0), (2, 0.5), (3, 1 / 3), (3, 0.75), (4, 0.2)]
+    # A checkpoint from before the lengths were recorded: keep the records up to its step.
+    with MetricWriter(tmp_path, enabled=True, resume_step=2) as writer:
+        writer.write_scalars(3, {"loss": 0.3})
+    assert [r["step"] for r in read_jsonl(tmp_path)] == [1, 2, 3]
+    assert not list(tmp_path.glob("*.tmp"))
+    # A fresh start (no checkpoint) on an old log: none of it is this run's.
+    with MetricWriter(tmp_path, enabled=True, resume_step=0, resume_bytes=0):
+        pass
+    assert read_jsonl(tmp_path) == []
