@@ -227,7 +227,7 @@ class CheckpointManager:
         problem, restored = None, None
         try:
             items = self._manager.item_metadata(step)
-        except Exception as e:  # noqa: BLE001 - any unreadable description is damage, named below
+        except Exception as e:  # whatever fails to read is damage, named below
             items, problem = {}, f"its description cannot be read ({_first_line(e)})"
         stored = items.get(_STATE)
         if problem is None and stored is None:
@@ -239,7 +239,7 @@ class CheckpointManager:
                 args[_CHECKSUMS] = ocp.args.JsonRestore()
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-            except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types for bad files
+            except Exception as e:  # tensorstore and orbax raise many types for bad files
                 problem = f"its files cannot be read ({_first_line(e)})"
         problem = _agreed_problem(problem)  # every process raises, or none does
         if problem is None:

@@ -420,7 +420,8 @@ class Trainer:
             run_guard.check_resumed_config(meta.get("config"), self._config_record(), step=start,
                                            where=self.checkpoints.directory, allow_changes=cfg.allow_config_change)
         # Drop what a killed run logged after its checkpoint: this run logs those steps again.
-        writer = metrics_lib.MetricWriter(self.workdir, resume_step=start, resume_bytes=meta.get("log_bytes") if meta else 0)
+        writer = metrics_lib.MetricWriter(self.workdir, resume_step=start,
+                                          resume_bytes=meta.get("log_bytes") if meta else 0)
         history: list[dict[str, float]] = []
         evaluations: dict[str, dict[str, float]] = {}
         bar = metrics_lib.progress_bar(cfg.total_steps, "train", enabled=None if cfg.progress else False, initial=start)

@@ -89,7 +89,8 @@ DAMAGE = {
     "data file truncated": (lambda d, host: os.truncate(_data_files(d)[-1], _data_files(d)[-1].stat().st_size // 2),
                             "its files cannot be read (ValueError: OUT_OF_RANGE"),
     "array bytes flipped": (lambda d, host: _flip_a_stored_word(d, host["w"]),
-                            "1 array(s) differ from the checksums saved with them (the files changed after the save): w"),
+                            "1 array(s) differ from the checksums saved with them (the files changed after "
+                            "the save): w"),
     "metadata cut short": (lambda d, host: (d / "metadata" / "metadata").write_text('{"st'),
                            "its files cannot be read (JSONDecodeError"),
 }
@@ -153,7 +154,8 @@ def test_checksums_do_not_depend_on_the_mesh_and_see_one_changed_bit(n_devices):
 
     sums = {name: array_checksums(placed(host, s)) for name, s in layouts.items()}
     assert all(s == sums["fsdp"] for s in sums.values()), sums
-    assert array_checksums({"key": jax.random.key(3)}) == array_checksums({"key": jax.random.key_data(jax.random.key(3))})
+    key = jax.random.key(3)
+    assert array_checksums({"key": key}) == array_checksums({"key": jax.random.key_data(key)})  # stored as key data
     changed = dict(host, f32=host["f32"].copy())
     changed["f32"].view(np.uint32)[11, 5] ^= 1  # the lowest mantissa bit of one value
     after = array_checksums(placed(changed, layouts["2x4"]))
