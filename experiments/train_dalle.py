@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from common import sharding
 from common.config import compute_dtype
 from common.data import pipeline, shapes
-from common.data.sources import ArrayRecordSource, ShapesSource
+from common.data.sources import ArrayRecordSource, ShapesSource, source_from_config
 from common.data.transforms import Compose, Select, Tokenize
 from common.images import save_image_grid
 from common.metrics import plot_curves
@@ -35,6 +35,7 @@ from common.tokenizers.sentencepiece import SentencePieceTokenizer, train_bpe
 from common.trainer import Evaluator, Trainer
 from dalle_jax.api import decode_to_images
 from dalle_jax.dvae import DVAEConfig
+from dalle_jax.dvae_train import dvae_transform
 from dalle_jax.encode import dvae_encoder, write_code_shards
 from dalle_jax.generate import RUN_FILE, restore_eval_params
 from dalle_jax.sample import sample_image_tokens
@@ -48,10 +49,12 @@ def model_config(model_cfg: Any) -> DALLEConfig:
     return decode_variant(model_cfg.variant, **dict(model_cfg.get("overrides", {})))
 
 
-def make_task(config: Any) -> DALLETask:
+def make_task(config: Any, dvae: dict[str, Any]) -> DALLETask:
+    """The task; with data.source="images" it encodes the (augmented) images with the frozen dVAE itself."""
     m = config.model
+    on_the_fly = (DVAEConfig(**dvae["model"]), dvae["params"]["encoder"]) if config.data.source == "images" else None
     return DALLETask(model_config(m), caption_dropout=config.caption_dropout, dtype=compute_dtype(m.dtype),
-                     remat=m.remat, scan_layers=m.scan_layers)
+                     remat=m.remat, scan_layers=m.scan_layers, dvae_encoder=on_the_fly)
 
 
 def dvae_run(config: Any, workdir: Path, mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -101,9 +104,15 @@ def prepare_shapes(config: Any, workdir: Path, dvae: dict[str, Any], mesh: jax.s
     return paths
 
 
-def dalle_transform(tokenizer: SentencePieceTokenizer, text_len: int, *, train: bool) -> Compose:
-    """(caption, codes) records -> {"text": int32 (text_len,) padded ids, "codes": int16 (h, w)}."""
-    return Compose((Tokenize(tokenizer, text_len, random_caption=train), Select("text", "codes")))
+def dalle_transform(tokenizer: SentencePieceTokenizer, text_len: int, *, train: bool,
+                    image_size: int | None = None) -> Compose:
+    """(caption, codes) records -> {"text": int32 (text_len,) padded ids, "codes": int16 (h, w)}; with
+    `image_size`, (caption, image) records -> {"text", "image": uint8 (S, S, 3)}, augmented as the
+    dVAE's training images (the DALL·E paper's listing) when `train`."""
+    tokenize = Tokenize(tokenizer, text_len, random_caption=train)
+    if image_size is None:
+        return Compose((tokenize, Select("text", "codes")))
+    return Compose((tokenize, *dvae_transform(image_size, train=train).transforms[:-1], Select("text", "image")))
 
 
 def samples_evaluator(task: DALLETask, tokenizer: SentencePieceTokenizer, dvae: dict[str, Any], samples: Any,
@@ -133,20 +142,21 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.trainer.mesh)
-    task = make_task(config)
-    cfg = task.config
     dvae = dvae_run(config, workdir, mesh)
+    task = make_task(config, dvae)
+    cfg = task.config
     if dvae["image_size"] != cfg.image_h * DVAEConfig(**dvae["model"]).downsample:
         raise ValueError(f"The dVAE turns {dvae['image_size']} px images into codes of another grid than the "
                          f"model's {cfg.image_h} x {cfg.image_w}; set model.overrides.image_h/image_w to match.")
     if config.data.source == "shapes":
         paths = prepare_shapes(config, workdir, dvae, mesh)
-    elif config.data.source == "codes":
-        paths = {"train": config.data.codes, "tokenizer": config.data.tokenizer}
+    elif config.data.source in ("codes", "images"):
+        field = config.data.source
+        paths = {"train": config.data[field], "tokenizer": config.data.tokenizer}
         if config.get("eval_data") is not None:
-            paths["eval"] = config.eval_data.codes
+            paths["eval"] = config.eval_data[field]
     else:
-        raise ValueError(f"config.data.source={config.data.source!r}; expected 'codes' or 'shapes'.")
+        raise ValueError(f"config.data.source={config.data.source!r}; expected 'codes', 'images' or 'shapes'.")
     tokenizer = SentencePieceTokenizer.load(paths["tokenizer"])
     if tokenizer.vocab_size > cfg.text_vocab:
         raise ValueError(f"The tokenizer {paths['tokenizer']} has {tokenizer.vocab_size} ids but the model's text "
@@ -159,9 +169,13 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
                   "dvae": {k: v for k, v in dvae.items() if k != "params"}}
         (workdir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
 
-    def batches(path: str, train: bool) -> pipeline.RecordIterator:
-        return pipeline.make_pipeline(ArrayRecordSource(path), dalle_transform(tokenizer, cfg.text_len, train=train),
-                                      global_batch_size=batch_size, train=train, seed=trainer.cfg.seed,
+    def batches(where: Any, train: bool) -> pipeline.RecordIterator:
+        if config.data.source == "images":  # a source config (common.data.sources.source_from_config)
+            source, image_size = source_from_config(where), dvae["image_size"]
+        else:
+            source, image_size = ArrayRecordSource(where), None
+        transform = dalle_transform(tokenizer, cfg.text_len, train=train, image_size=image_size)
+        return pipeline.make_pipeline(source, transform, global_batch_size=batch_size, train=train, seed=trainer.cfg.seed,
                                       num_epochs=None if train else 1, worker_count=config.data.get("workers", 0))
 
     data = batches(paths["train"], train=True)

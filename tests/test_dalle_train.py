@@ -5,9 +5,13 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dalle_jax import generate
-from dalle_jax.train import drop_captions
+from dalle_jax.api import encode_to_codes
+from dalle_jax.dvae import DVAE, DVAEConfig
+from dalle_jax.train import DALLETask, drop_captions
+from dalle_jax.variants import decode_variant
 from experiments import train_dalle
 from experiments.configs import dalle as dalle_configs
 
@@ -20,26 +24,57 @@ def test_caption_dropout_empties_whole_captions_at_the_rate():
     assert abs(dropped.mean() - 0.1) < 0.01
 
 
-def test_smoke_recipe_trains_resumes_samples_and_generates(tmp_path):
+def test_smoke_recipe_trains_resumes_samples_and_generates(compile_cache, tmp_path):
     """One command trains the dVAE, tokenizer and transformer; generate restores all three from the workdir."""
     config = dalle_configs.get_config("smoke")
     config.dvae.total_steps = 10
     config.data.num_examples = 512
-    config.trainer.update(total_steps=40, checkpoint_every=20, progress=False, log_every=10)
+    config.trainer.update(total_steps=30, checkpoint_every=15, progress=False, log_every=10)
     summary = train_dalle.run(config, tmp_path / "dalle")
-    assert summary["steps"] == 40 and summary["final_loss"] < summary["first_loss"]
+    assert summary["steps"] == 30 and summary["final_loss"] < summary["first_loss"]
     assert summary["eval"]["image_loss"] < np.log(128)  # below the uniform distribution over the codebook
     assert (tmp_path / "dalle" / "samples.png").exists()
-    assert json.loads((tmp_path / "dalle" / "summary.json").read_text())["steps"] == 40
+    assert json.loads((tmp_path / "dalle" / "summary.json").read_text())["steps"] == 30
 
-    config.trainer.total_steps = 50  # the same command with more steps resumes at 40
+    config.trainer.total_steps = 40  # the same command with more steps resumes at 30
     resumed = train_dalle.run(config, tmp_path / "dalle")
-    assert resumed["steps"] == 50
+    assert resumed["steps"] == 40
     logged = [json.loads(line)["step"] for line in (tmp_path / "dalle" / "metrics.jsonl").read_text().splitlines()]
-    assert set(logged) == {10, 20, 30, 40, 50}  # the second run logged only steps after 40
+    assert set(logged) == {10, 20, 30, 40}  # the second run logged only steps after 30
 
     out = tmp_path / "grid.png"
     report = generate.main(["--checkpoint", str(tmp_path / "dalle"), "--prompt", "a red circle.", "--prompt",
                             "a blue square.", "--n", "4", "--keep", "2", "--out", str(out)])
     assert out.exists() and json.loads(out.with_suffix(".json").read_text())["kept"] == report["kept"]
     assert np.asarray(report["kept"]).shape == (2, 2)
+
+    # The same data encoded at every step by the frozen dVAE (data.source="images"): same task, same loss scale.
+    images = dalle_configs.get_config("smoke")
+    images.data.update(source="images", tokenizer=str(tmp_path / "dalle" / "data" / "bpe.model"),
+                       images=dict(source="shapes", split="train", num_examples=256, render_size=32))
+    images.eval_data = None
+    images.dvae.workdir = str(tmp_path / "dalle" / "dvae")
+    images.samples.captions = ()
+    images.trainer.update(total_steps=10, progress=False, log_every=5)
+    images.optim.warmup_steps = 2
+    on_the_fly = train_dalle.run(images, tmp_path / "images")
+    assert on_the_fly["steps"] == 10 and abs(on_the_fly["first_loss"] - summary["first_loss"]) < 0.5
+
+
+def test_encoding_on_the_fly_equals_precomputed_codes():
+    dvae_config = DVAEConfig(group_count=2, n_hid=8, n_blk_per_group=1, vocab_size=16, n_init=8)
+    encoder = DVAE(dvae_config).init({"params": jax.random.key(0), "gumbel": jax.random.key(1)},
+                                     jnp.zeros((1, 8, 8, 3)), 1.0)["params"]["encoder"]
+    config = decode_variant("tiny", image_h=4, image_w=4, image_vocab=16)
+    precomputed, on_the_fly = DALLETask(config), DALLETask(config, dvae_encoder=(dvae_config, encoder))
+    variables = on_the_fly.init(jax.random.key(2))
+    params, state = variables.pop("params"), variables
+    assert set(state) == {"frozen_dvae"}
+    images = np.random.default_rng(3).integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    text = np.random.default_rng(4).integers(0, 2, (4, config.text_len)).astype(np.int32)
+    codes = encode_to_codes(encoder, jnp.asarray(images) / 255.0, config=dvae_config)
+    a = precomputed.eval_metrics(params, {}, {"text": text, "codes": codes})
+    b = on_the_fly.eval_metrics(params, state, {"text": text, "image": images})
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    with pytest.raises(ValueError, match="needs 'codes'"):
+        precomputed.eval_metrics(params, {}, {"text": text, "image": images})

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from jax.experimental.compilation_cache import compilation_cache
+from PIL import Image
 
 from common import sharding
 from common.data.pipeline import make_pipeline
@@ -35,7 +35,6 @@ from experiments.configs.dvae import get_config
 from experiments.train_dvae import make_task, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
 # Every run below: the smoke recipe at one image per simulated device (steps twice as fast on this
 # 2-core CPU), with a parameter average so that its update, use in evaluation and checkpointing run too.
 SMOKE_OVERRIDES = {"trainer.global_batch_size": 8, "trainer.ema_decay": 0.5}
@@ -45,21 +44,6 @@ def smoke_config(**overrides):
     config = get_config("smoke")
     config.update_from_flattened_dict({**SMOKE_OVERRIDES, **overrides})
     return config
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache for this module's runs: every smoke run (and the command-line one, in
-    its own process) compiles the same steps, so only the first pays for compiling them."""
-    path = str(tmp_path_factory.mktemp("xla_cache"))
-    saved = {name: getattr(jax.config, name) for name in ("jax_compilation_cache_dir", *_CACHE_OPTIONS)}
-    for name, value in {"jax_compilation_cache_dir": path, **_CACHE_OPTIONS}.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # the cache is set up once per process: make it see the new dir
-    yield path
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def test_paper_schedules_closed_form():
@@ -211,3 +195,17 @@ def test_command_line_run_resumes_bitwise(compile_cache, tmp_path):
     assert int(a.step) == 8 and a.ema_params is not None  # the averaged parameters are checkpointed too
     ema, params = a.ema_params["decoder"]["output"]["kernel"], a.params["decoder"]["output"]["kernel"]
     assert not np.array_equal(ema, params)
+
+
+def test_smoke_recipe_trains_from_an_image_only_folder(compile_cache, tmp_path):
+    """No captions anywhere: the dVAE reads images only, so nothing is skipped for a missing caption."""
+    dataset = ShapesDataset("train", 40, ShapesConfig(image_size=32))
+    for i in range(len(dataset)):
+        Image.fromarray(dataset[i]["image"]).save(tmp_path / f"{i:03d}.png")
+    assert not any(p.suffix in (".tsv", ".jsonl") for p in tmp_path.iterdir())
+    config = smoke_config(**{"trainer.total_steps": 6, "trainer.eval_every": 0})
+    config.data = {"source": "folder", "root": str(tmp_path), "workers": 0}
+    config.eval_data = {"source": "folder", "root": str(tmp_path), "workers": 0}
+    summary = train(config, tmp_path / "run")
+    assert summary["steps"] == 6 and summary["data"]["skipped_total"] == 0
+    assert summary["data"]["examples"] == 6 * 8 and np.isfinite(summary["eval"]["psnr"])

@@ -63,8 +63,11 @@ def get_config(arg: str = "12B") -> ml_collections.ConfigDict:
     c.optim.accum_steps = 1
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "codes"  # "codes": array_record shards of dalle_jax.encode; "shapes": render + encode (smoke)
+    # "codes": array_record shards of dalle_jax.encode (default); "images": encode augmented images with the frozen
+    # dVAE at every step; "shapes": render + encode the built-in data once (smoke).
+    c.data.source = "codes"
     c.data.codes = "/data/dalle_codes"  # directory, glob or list of .array_record files
+    c.data.images = ml_collections.ConfigDict(dict(source="tar", shards="/data/laion400m"))  # source_from_config
     c.data.tokenizer = "/data/dalle_bpe.model"  # SentencePiece model (common.tokenizers.sentencepiece.train_bpe)
     c.data.workers = 8  # grain processes per host
     c.eval_data = None  # held-out codes (same fields as data): eval loss
