@@ -352,7 +352,8 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 
 
 def save_image_grid(images: np.ndarray, path: str | os.PathLike,
-                    labels: Sequence[str] | None = None, ncols: int | None = None) -> str:
+                    labels: Sequence[str] | None = None, ncols: int | None = None, *,
+                    scale: int = 1, row_labels: Sequence[str] | None = None) -> str:
     """Saves a batch of images as one PNG grid, optionally with a caption under each tile.
 
     Args:
@@ -361,10 +362,17 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike,
       labels: N strings drawn under the tiles (PIL's default font), truncated
         to the tile width.
       ncols: tiles per row; default ceil(sqrt(N)).
+      scale: each tile is shown `scale` times larger (nearest neighbour: the
+        pixels stay as they are, only bigger), so small images can be seen.
+      row_labels: one string per row, drawn above it across the grid's width
+        (e.g. the caption a row of samples was generated from).
     Returns:
       The path written, as a string.
     """
     tiles = _to_uint8_nhwc(images)  # (N, H, W, C)
+    if scale < 1:
+        raise ValueError(f"Expected an integer scale >= 1, found {scale}.")
+    tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)  # (N, H * scale, W * scale, C)
     n, h, w, c = tiles.shape
     if c == 1:
         tiles = np.repeat(tiles, 3, axis=-1)
@@ -375,19 +383,25 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike,
         raise ValueError(f"Expected ncols >= 1, found {ncols}.")
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
+    if row_labels is not None and len(row_labels) != nrows:
+        raise ValueError(f"Expected one row label per row ({nrows}), found {len(row_labels)}.")
 
     font = ImageFont.load_default()
-    label_h = 0
-    if labels is not None:
-        top, bottom = font.getbbox("Ag")[1::2]
-        label_h = int(bottom - top) + 2 * _GRID_PAD
-    cell_h = h + label_h
-    grid = Image.new("RGB", (ncols * (w + _GRID_PAD) + _GRID_PAD,
-                             nrows * (cell_h + _GRID_PAD) + _GRID_PAD), "white")
+    top, bottom = font.getbbox("Ag")[1::2]
+    line_h = int(bottom - top) + 2 * _GRID_PAD
+    label_h = 0 if labels is None else line_h
+    title_h = 0 if row_labels is None else line_h
+    cell_h = title_h + h + label_h
+    width = ncols * (w + _GRID_PAD) + _GRID_PAD
+    grid = Image.new("RGB", (width, nrows * (cell_h + _GRID_PAD) + _GRID_PAD), "white")
     draw = ImageDraw.Draw(grid)
+    if row_labels is not None:
+        for row, text in enumerate(row_labels):
+            y = _GRID_PAD + row * (cell_h + _GRID_PAD)
+            draw.text((_GRID_PAD, y), _fit_text(draw, str(text), font, width - 2 * _GRID_PAD), fill="black", font=font)
     for i, tile in enumerate(tiles):
         x = _GRID_PAD + (i % ncols) * (w + _GRID_PAD)
-        y = _GRID_PAD + (i // ncols) * (cell_h + _GRID_PAD)
+        y = _GRID_PAD + (i // ncols) * (cell_h + _GRID_PAD) + title_h
         grid.paste(Image.fromarray(tile), (x, y))
         if labels is not None:
             text = _fit_text(draw, str(labels[i]), font, w)

@@ -354,6 +354,23 @@ def test_save_image_grid_labels(tmp_path):
     assert (text_band < 128).any(), "no text drawn under the tiles"
 
 
+def test_save_image_grid_scale_and_row_labels(tmp_path):
+    pad = images._GRID_PAD
+    tiles = np.random.default_rng(0).integers(0, 256, (4, 4, 5, 3), dtype=np.uint8)
+    arr = np.asarray(_open(save_image_grid(tiles, tmp_path / "s.png", ncols=2, scale=3)))
+    assert arr.shape == (2 * 12 + 3 * pad, 2 * 15 + 3 * pad, 3)
+    np.testing.assert_array_equal(arr[pad:pad + 12, pad:pad + 15], tiles[0].repeat(3, 0).repeat(3, 1))
+
+    titled = np.asarray(_open(save_image_grid(tiles, tmp_path / "t.png", ncols=2, scale=3,
+                                              row_labels=["a red circle", "a blue square"])).convert("L"))
+    title_h = (titled.shape[0] - arr.shape[0]) // 2
+    assert title_h > 0 and (titled[pad:pad + title_h] < 128).any(), "no row label drawn above the first row"
+    with pytest.raises(ValueError, match="one row label per row"):
+        save_image_grid(tiles, tmp_path / "r.png", ncols=2, row_labels=["only one"])
+    with pytest.raises(ValueError, match="scale"):
+        save_image_grid(tiles, tmp_path / "r.png", scale=0)
+
+
 @pytest.mark.parametrize("bad", [np.zeros((8, 8, 3)), np.zeros((2, 8, 8, 2)),
                                  np.zeros((0, 8, 8, 3)), np.zeros((2, 8, 8, 3), np.int32),
                                  np.full((1, 4, 4, 3), np.nan)])
