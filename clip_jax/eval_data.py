@@ -187,10 +187,7 @@ def image_folder_source(root: str, *, dataset: str | None = None, split: str | N
                              "remove them or pick the matching --dataset.")
         return dict(zip(folders, labels.tolist())), classnames
 
-    source = ImageFolderSource(root, captions_file=None, class_space=class_space)
-    if source.captions_file is not None:
-        raise ValueError(f"Image folder {root!r} holds {source.captions_file}; expected one sub-folder of images per "
-                         "class for classification.")
+    source = ImageFolderSource(root, class_space=class_space, classes=True)  # a captions file there is not read
     folder_name = os.path.basename(os.path.abspath(root))
     not_imagenet = named_by_folder and kind != "tfds"  # asked for an ImageNet set, found other folder names
     if not_imagenet:

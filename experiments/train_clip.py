@@ -10,7 +10,6 @@ asks for it (smoke runs). Everything here runs on every host of a multi-host job
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from common import sharding
 from common.config import compute_dtype
 from common.data import pipeline, shapes, sources
 from common.trainer import Evaluator, Trainer
+from experiments.driver import fit_and_report
 
 # Prompts for the shapes data's two label kinds; none of them is a training caption's wording.
 SHAPES_TEMPLATES = {
@@ -110,9 +110,4 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     if config.get("zeroshot_shapes"):
         for split in config.zeroshot_shapes.splits:
             evaluators[f"shapes_{split}"] = shapes_evaluator(task, split, config.zeroshot_shapes, mesh)
-    result = trainer.fit(data, evaluators)
-    summary = trainer.summary(result, data)
-    trainer.close()
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    return summary
+    return fit_and_report(trainer, data, evaluators, workdir)

@@ -30,7 +30,6 @@ from common.data import pipeline, shapes
 from common.data.sources import ArrayRecordSource, ShapesSource, source_from_config
 from common.data.transforms import Compose, Select, Tokenize
 from common.images import save_image_grid
-from common.metrics import plot_curves
 from common.tokenizers.sentencepiece import SentencePieceTokenizer, train_bpe
 from common.trainer import Evaluator, Trainer
 from dalle_jax.api import decode_to_images
@@ -43,6 +42,7 @@ from dalle_jax.train import DALLETask
 from dalle_jax.variants import DALLEConfig, decode_variant
 from experiments import train_dvae
 from experiments.configs import dvae as dvae_configs
+from experiments.driver import fit_and_report
 
 
 def model_config(model_cfg: Any) -> DALLEConfig:
@@ -185,12 +185,4 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     if config.samples.captions:
         evaluators["samples"] = samples_evaluator(task, tokenizer, dvae, config.samples, workdir / "samples.png",
                                                   trainer.cfg.seed)
-    result = trainer.fit(data, evaluators)
-    summary = trainer.summary(result, data)
-    data.close()
-    trainer.close()
-    if jax.process_index() == 0:
-        if result.history:
-            plot_curves(workdir / "metrics.jsonl", ["loss", "text_loss", "image_loss"], workdir / "curves.png")
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    return summary
+    return fit_and_report(trainer, data, evaluators, workdir, ["loss", "text_loss", "image_loss"])

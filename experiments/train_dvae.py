@@ -6,7 +6,6 @@ calls. Everything here runs on every host of a multi-host job.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,10 @@ from common.config import compute_dtype, dataclass_from
 from common.data.pipeline import make_pipeline
 from common.data.sources import source_from_config
 from common.images import save_image_grid
-from common.metrics import plot_curves
 from common.trainer import Evaluator, Trainer
 from dalle_jax.dvae import DVAE, DVAEConfig
 from dalle_jax.dvae_train import DVAETask, LossConfig, codebook_stats, dvae_transform
+from experiments.driver import fit_and_report
 
 
 def make_task(config: ml_collections.ConfigDict) -> DVAETask:
@@ -109,14 +108,5 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 
         evaluators["eval"] = reconstruction_evaluator(trainer, task, eval_batches, workdir / "reconstructions.png",
                                                       config.num_grid_images)
-    result = trainer.fit(data, evaluators)
-    summary = trainer.summary(result, data)
-    data.close()
-    trainer.close()
-    if jax.process_index() == 0:
-        if result.history:
-            curves = ["loss", "nll_per_dim", "kl_per_image", "temperature"]
-            curves += ["eval/psnr"] if evaluators else []
-            plot_curves(workdir / "metrics.jsonl", curves, workdir / "curves.png")
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    return summary
+    curves = ["loss", "nll_per_dim", "kl_per_image", "temperature"] + (["eval/psnr"] if evaluators else [])
+    return fit_and_report(trainer, data, evaluators, workdir, curves)

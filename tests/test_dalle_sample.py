@@ -102,7 +102,7 @@ def test_sharded_parameters_and_batch_give_the_same_tokens(model_and_params, n_d
     model, params = model_and_params
     text = _text(batch=8)
     single = sample_image_tokens(model, params, text, jax.random.key(9), guidance_scale=2.0)
-    for preset in ("fsdp", "fsdp_tp"):
+    for preset in ("fsdp_tp",):  # parameters split over fsdp and tensor at once
         mesh = sharding.make_mesh(preset)
         init = lambda rng: model.init(rng, text, jnp.zeros((8, CONFIG.image_len), jnp.int32))  # noqa: E731
         _, shardings = sharding.init_sharded(init, jax.random.key(0), mesh=mesh)

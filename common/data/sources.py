@@ -313,8 +313,9 @@ class ImageFolderSource:
     line that cannot be parsed is a record with neither; a listed file that
     does not exist is found, skipped and counted when read.
 
-    Without one, every image file under `root` (sorted paths, any depth) is a
-    record {image: path}; those under `root/<class folder>/` also get `label`.
+    Without one (or with `classes=True`, which ignores any captions file), every
+    image file under `root` (sorted paths, any depth) is a record {image: path};
+    those under `root/<class folder>/` also get `label`.
     `class_space(sorted folder names) -> ({folder: label}, classnames)` decides
     the labels (default `folder_class_space`); `classnames` is exposed as
     `source.classnames` (empty with a captions file). `outside_root` counts the
@@ -323,12 +324,14 @@ class ImageFolderSource:
 
     def __init__(self, root: str | os.PathLike, *, captions_file: str | os.PathLike | None = None,
                  image_field: str = "image", caption_field: str = "caption",
-                 class_space: ClassSpace = folder_class_space):
+                 class_space: ClassSpace = folder_class_space, classes: bool = False):
         self.root = os.fspath(root)
         if not os.path.isdir(self.root):
             raise DatasetNotFoundError(f"Image folder {self.root!r} does not exist. Expected a directory of images "
                                        "with a captions.tsv, or with one sub-folder of images per class.")
-        if captions_file is None:
+        if classes and captions_file is not None:
+            raise ValueError("Pass either captions_file or classes=True (labels from class sub-folders), not both.")
+        if captions_file is None and not classes:
             found = [p for p in ("captions.tsv", "captions.jsonl") if os.path.isfile(os.path.join(self.root, p))]
             captions_file = os.path.join(self.root, found[0]) if found else None
         self.captions_file = captions_file and os.fspath(captions_file)
