@@ -52,16 +52,22 @@ class TrainedDALLE:
     dvae_decoder: Any
 
 
-def restore_eval_params(task: Any, run: dict, workdir: str | os.PathLike, mesh: jax.sharding.Mesh) -> Any:
-    """The evaluation parameters (the average, if kept) of the latest checkpoint of a run of `task`
-    in `workdir`; `run` holds the run's "trainer" and "optim" configs, which shape its state."""
+def restore_eval_variables(task: Any, run: dict, workdir: str | os.PathLike, mesh: jax.sharding.Mesh) -> dict:
+    """{"params": the evaluation parameters (the average, if kept), **the model state (e.g. BatchNorm's
+    "batch_stats")} of the latest checkpoint of a run of `task` in `workdir`; `run` holds the run's
+    "trainer" and "optim" configs, which shape its state."""
     trainer = Trainer(task, run["trainer"], run["optim"], workdir, mesh=mesh)
     try:
         if trainer.restore_if_any(None) == 0:
             raise FileNotFoundError(f"{workdir} has no checkpoint yet: train it first.")
-        return trainer.eval_params
+        return {"params": trainer.eval_params, **trainer.state.model_state}
     finally:
         trainer.close()
+
+
+def restore_eval_params(task: Any, run: dict, workdir: str | os.PathLike, mesh: jax.sharding.Mesh) -> Any:
+    """The evaluation parameters alone of `restore_eval_variables`."""
+    return restore_eval_variables(task, run, workdir, mesh)["params"]
 
 
 def load_run(workdir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> TrainedDALLE:

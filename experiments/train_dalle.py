@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -60,11 +61,16 @@ def make_task(config: Any, dvae: dict[str, Any]) -> DALLETask:
 def dvae_run(config: Any, workdir: Path, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """The stage-1 dVAE: `config.dvae.workdir`, or, when that is None, trained in `workdir/dvae` with
     experiments/configs/dvae.py:<config.dvae.config> (reused once finished; resumed if interrupted).
+    `config.dvae.config` may also be a whole dVAE ConfigDict (experiments/configs/demo.py passes its own).
 
     Returns its run record: workdir, model, loss, image_size, trainer and optim configs, and the
     evaluation parameters ("params", not written to run.json).
     """
-    dvae_config = dvae_configs.get_config(config.dvae.config)
+    recipe = config.dvae.config
+    if isinstance(recipe, ml_collections.ConfigDict):
+        dvae_config, recipe = recipe.copy_and_resolve_references(), "its config.dvae.config"
+    else:
+        dvae_config, recipe = dvae_configs.get_config(recipe), f"experiments/configs/dvae.py:{recipe}"
     if config.dvae.get("total_steps"):
         dvae_config.trainer.total_steps = config.dvae.total_steps
     dvae_workdir = Path(config.dvae.workdir) if config.dvae.workdir else workdir / "dvae"
@@ -72,8 +78,7 @@ def dvae_run(config: Any, workdir: Path, mesh: jax.sharding.Mesh) -> dict[str, A
         train_dvae.train(dvae_config, dvae_workdir)
     elif not (dvae_workdir / "checkpoints").is_dir():
         raise FileNotFoundError(f"No dVAE checkpoints in {dvae_workdir}/checkpoints. Train stage 1 first "
-                                f"(experiments/configs/dvae.py:{config.dvae.config}), or leave dvae.workdir unset "
-                                "to train it inside this run's workdir.")
+                                f"({recipe}), or leave dvae.workdir unset to train it inside this run's workdir.")
     task = train_dvae.make_task(dvae_config)
     record = {"workdir": str(dvae_workdir.resolve()), "model": dataclasses.asdict(task.model.config),
               "loss": dict(dvae_config.loss), "image_size": dvae_config.image_size,
@@ -148,6 +153,9 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     if dvae["image_size"] != cfg.image_h * DVAEConfig(**dvae["model"]).downsample:
         raise ValueError(f"The dVAE turns {dvae['image_size']} px images into codes of another grid than the "
                          f"model's {cfg.image_h} x {cfg.image_w}; set model.overrides.image_h/image_w to match.")
+    if dvae["model"]["vocab_size"] != cfg.image_vocab:
+        raise ValueError(f"The dVAE has {dvae['model']['vocab_size']} codes but the model's image vocabulary is "
+                         f"{cfg.image_vocab}; set model.overrides.image_vocab to match.")
     if config.data.source == "shapes":
         paths = prepare_shapes(config, workdir, dvae, mesh)
     elif config.data.source in ("codes", "images"):
