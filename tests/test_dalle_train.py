@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dalle_jax import generate
+from dalle_jax.generate import main as generate_main
 from dalle_jax.api import encode_to_codes
 from dalle_jax.dvae import DVAE, DVAEConfig
 from dalle_jax.train import DALLETask, drop_captions
@@ -44,7 +44,7 @@ def test_smoke_recipe_trains_resumes_samples_and_generates(compile_cache, tmp_pa
     assert set(logged) == {10, 20, 30, 40}  # the second run logged only steps after 30
 
     out = tmp_path / "grid.png"
-    report = generate.main(["--checkpoint", str(tmp_path / "dalle"), "--prompt", "a red circle.", "--prompt",
+    report = generate_main(["--checkpoint", str(tmp_path / "dalle"), "--prompt", "a red circle.", "--prompt",
                             "a blue square.", "--n", "4", "--keep", "2", "--out", str(out)])
     assert out.exists() and json.loads(out.with_suffix(".json").read_text())["kept"] == report["kept"]
     assert np.asarray(report["kept"]).shape == (2, 2)
