@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from clip_jax import weights
+from clip_jax import text, weights
 from clip_jax.model import CLIP, dummy_inputs
 from clip_jax.variants import CLIPConfig, decode_variant, known_variants
 from common.images import clip_preprocess
@@ -54,11 +54,13 @@ class CLIPBundle:
 
     @functools.cached_property
     def _encode_text(self):
-        return jax.jit(lambda v, t: self.model.apply(v, t, method=CLIP.encode_text))
+        # length: static, one of text.bucket_length's few values, so at most a handful of programs per batch shape.
+        return jax.jit(lambda v, t, length: self.model.apply(v, t[:, :length], method=CLIP.encode_text),
+                       static_argnums=2)
 
     @functools.cached_property
     def _logits(self):
-        return jax.jit(self.model.apply)
+        return jax.jit(lambda v, x, t, length: self.model.apply(v, x, t[:, :length]), static_argnums=3)
 
     def _checked_images(self, images: Any) -> jax.Array:
         images = jnp.asarray(images)
@@ -69,7 +71,8 @@ class CLIPBundle:
                              "image first, or common.data.transforms.CenterCrop.")
         return images
 
-    def _checked_tokens(self, token_ids: Any) -> jax.Array:
+    def _checked_tokens(self, token_ids: Any) -> tuple[jax.Array, int]:
+        """(token ids on the device, the length bucket that keeps every end-of-text token)."""
         on_host = not isinstance(token_ids, jax.Array)
         token_ids = np.asarray(token_ids) if on_host else token_ids
         if token_ids.ndim != 2 or token_ids.shape[1] != self.context_length or not jnp.issubdtype(token_ids.dtype, jnp.integer):
@@ -80,7 +83,8 @@ class CLIPBundle:
         if on_host and token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocab):
             raise ValueError(f"encode_text expects token ids in [0, {vocab}), found ids from {token_ids.min()} to "
                              f"{token_ids.max()}. Use .tokenize(texts), whose vocabulary this model shares.")
-        return jnp.asarray(token_ids)
+        # The bucket is read before the copy to the device, where the ids are already on the host.
+        return jnp.asarray(token_ids), text.bucket_length(token_ids, self.context_length)
 
     def encode_image(self, images: Any) -> jax.Array:
         """images: (B, S, S, 3) uint8 RGB (normalised on the device) or float, already preprocessed
@@ -90,13 +94,16 @@ class CLIPBundle:
     def encode_text(self, token_ids: Any) -> jax.Array:
         """token_ids: int (B, context_length) from `tokenize` -> (B, embed_dim).
 
+        Runs the batch only up to its longest end-of-text position, rounded up to a length
+        bucket (`clip_jax.text.bucket_length`): the features of the full pass, for a fraction of
+        the work on short captions. A jax.Array costs one scalar copied back to pick the bucket.
         Ids outside the vocabulary are refused when given as numpy (a jax.Array is not copied back to check).
         """
-        return self._encode_text(self.variables, self._checked_tokens(token_ids))
+        return self._encode_text(self.variables, *self._checked_tokens(token_ids))
 
     def logits(self, images: Any, token_ids: Any) -> tuple[jax.Array, jax.Array]:
-        """(logits_per_image, logits_per_text), as OpenAI's `model(image, text)`."""
-        return self._logits(self.variables, self._checked_images(images), self._checked_tokens(token_ids))
+        """(logits_per_image, logits_per_text), as OpenAI's `model(image, text)`; text bucketed as `encode_text`."""
+        return self._logits(self.variables, self._checked_images(images), *self._checked_tokens(token_ids))
 
     def preprocess(self, pil_image) -> np.ndarray:
         """PIL image -> float32 (S, S, 3), exactly OpenAI's CLIP transform."""

@@ -3,15 +3,38 @@
 Token + positional embeddings, a causally masked transformer, `ln_final`, then the
 activation at the end-of-text token, which has the highest id in CLIP's BPE vocabulary,
 projected by a bias-free `text_projection` (Radford et al. 2021, section 2.4).
+
+Length buckets: under the causal mask nothing after the end-of-text token reaches it, so a
+batch run only up to its longest end-of-text position gives the features of the full
+context-length pass. `bucket_length` rounds that up to one of a few lengths, so a caller
+compiles a handful of programs rather than one per batch (OpenAI always runs all 77).
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clip_jax.variants import TextConfig
 from common.layers import Dtype, LayerNorm, Transformer, partitioned
+
+
+# Captions are short: ImageNet prompts need <= ~20 positions, web alt text ~25; 77 is the context.
+LENGTH_BUCKETS = (8, 16, 24, 32, 48)
+
+
+def bucket_length(token_ids: np.ndarray | jax.Array, context_length: int,
+                  buckets: tuple[int, ...] = LENGTH_BUCKETS) -> int:
+    """The shortest of `buckets` (or `context_length`) that keeps every row's end-of-text token.
+
+    token_ids (B, L) -> int. Reading a jax.Array's end-of-text positions copies one scalar to the host.
+    """
+    if not token_ids.shape[0]:
+        return context_length
+    eot = np.argmax(token_ids, axis=-1) if isinstance(token_ids, np.ndarray) else jnp.argmax(token_ids, axis=-1)
+    needed = int(eot.max()) + 1  # positions up to and including the last end-of-text token
+    return min([b for b in buckets if b >= needed] + [context_length])
 
 
 class TextTransformer(nn.Module):

@@ -1,48 +1,23 @@
 """Throughput of our CLIP tokenizer against OpenAI's ``SimpleTokenizer`` on the same captions.
 
-    python -m experiments.bench.tokenizer_bench --out experiments/bench/results [--n 20000]
-
-Both tokenizers start cold (fresh instances, empty caches) in every repeat and tokenize the same
-deterministic caption list into (N, 77) ids; the outputs are checked to be identical before any
-number is reported. Writes ``tokenizer.json`` and ``tokenizer.md`` under ``--out``.
-
-The reference is openai/CLIP ``clip/simple_tokenizer.py`` loaded by file path (``import clip``
-pulls torchvision), with ``clip.tokenize``'s padding and truncation (``clip/clip.py``) mirrored in
-numpy by :func:`openai_reference_tokenize`; ``tests/test_clip_bpe.py`` uses the same two helpers.
+Both tokenizers start cold (fresh instances, empty caches) in every timed call and tokenize the
+same deterministic caption list into (N, 77) ids, checked identical. The reference is openai/CLIP
+``clip/simple_tokenizer.py`` with ``clip.tokenize``'s padding and truncation (``clip/clip.py``)
+mirrored in numpy by :func:`openai_reference_tokenize`; ``tests/test_clip_bpe.py`` uses the same
+two helpers.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
-import platform
 import random
-import statistics
-import time
 from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from common.tokenizers.clip_bpe import DEFAULT_CONTEXT_LENGTH, EOT_TOKEN, SOT_TOKEN, ClipTokenizer
-
-
-def load_openai_simple_tokenizer() -> ModuleType:
-    """The openai-clip package's ``simple_tokenizer`` module, loaded without importing ``clip``."""
-    spec = importlib.util.find_spec("clip")  # locates the package without executing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "The OpenAI reference tokenizer needs the openai-clip package; install it with "
-            "`pip install --no-deps openai-clip==1.0.1` (see the Makefile's test target)."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "simple_tokenizer.py"
-    module_spec = importlib.util.spec_from_file_location("openai_clip_simple_tokenizer", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+from experiments.bench.harness import Section, Settings, compare
+from experiments.bench.references import load_openai_simple_tokenizer
 
 
 def openai_reference_tokenize(
@@ -121,91 +96,25 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
     return rng.choices(pool, weights=weights, k=n)
 
 
-def _time_cold(build, run, repeats: int) -> tuple[list[float], list[float], np.ndarray]:
-    """(construction seconds, tokenization seconds, ids) over ``repeats`` fresh instances."""
-    builds, runs = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        tokenizer = build()
-        builds.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        ids = run(tokenizer)
-        runs.append(time.perf_counter() - start)
-    return builds, runs, ids
-
-
-def _compare(captions: list[str], repeats: int) -> dict[str, Any]:
-    """Cold-cache timings of both tokenizers on ``captions``, after checking their ids agree."""
+def run(settings: Settings) -> Section:
+    """Two workloads: captions with repeats (the tokenizers' caches help), and the same de-duplicated."""
+    n = 200 if settings.toy else 20_000
+    captions = make_captions(n, seed=0)
     reference = load_openai_simple_tokenizer()
-    ref_build, ref_runs, ref_ids = _time_cold(
-        reference.SimpleTokenizer, lambda t: openai_reference_tokenize(t, captions), repeats
-    )
-    our_build, our_runs, our_ids = _time_cold(ClipTokenizer, lambda t: t.tokenize(captions), repeats)
-    if not np.array_equal(ref_ids, our_ids):
-        rows = np.flatnonzero((ref_ids != our_ids).any(axis=1))
-        raise AssertionError(f"ids differ from the reference on {rows.size} captions, first {captions[rows[0]]!r}")
-    n = len(captions)
-    ref_s, our_s = statistics.median(ref_runs), statistics.median(our_runs)
-    return {
-        "n_captions": n,
-        "n_distinct": len(set(captions)),
-        "openai_simple_tokenizer": {
-            "build_s": statistics.median(ref_build), "tokenize_s": ref_s, "captions_per_s": n / ref_s
-        },
-        "clip_jax": {"build_s": statistics.median(our_build), "tokenize_s": our_s, "captions_per_s": n / our_s},
-        "speedup": ref_s / our_s,
-    }
+    results = []
+    for workload, texts in (("with_repeats", captions), ("distinct", list(dict.fromkeys(captions)))):
+        results.append(compare(
+            f"tokenizer, {workload}", "captions/s", len(texts),
+            ours=(ClipTokenizer, lambda t, texts=texts: t.tokenize(texts)),
+            reference=(reference.SimpleTokenizer, lambda t, texts=texts: openai_reference_tokenize(t, texts)),
+            check=_identical_ids, target=10.0, repeats=settings.repeats, captions=len(texts)))
+    return Section("CLIP tokenizer", f"{n:,} web-style captions (seed 0), {len(set(captions)):,} distinct; each timed "
+                   "call builds a fresh tokenizer (cold caches; building not timed); ids checked identical to "
+                   "OpenAI's `clip.tokenize`.", results)
 
 
-def run_benchmark(n: int = 20_000, seed: int = 0, repeats: int = 3) -> dict[str, Any]:
-    """Two workloads: ``n`` captions with repeats, and the same captions de-duplicated."""
-    captions = make_captions(n, seed)
-    return {
-        "seed": seed,
-        "repeats": repeats,
-        "context_length": DEFAULT_CONTEXT_LENGTH,
-        "ids_identical": True,  # _compare raises otherwise
-        "machine": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
-        "workloads": {
-            "with_repeats": _compare(captions, repeats),
-            "distinct": _compare(list(dict.fromkeys(captions)), repeats),
-        },
-    }
-
-
-def to_markdown(result: dict[str, Any]) -> str:
-    lines = [
-        f"CLIP tokenizer throughput: cold caches (fresh instances), median of {result['repeats']} runs, "
-        f"ids checked identical; {result['machine']}.",
-        "",
-        "| workload | captions (distinct) | tokenizer | build (s) | tokenize (s) | captions/s | speed-up |",
-        "|---|---:|---|---:|---:|---:|---:|",
-    ]
-    for workload, w in result["workloads"].items():
-        for name, key in (("OpenAI SimpleTokenizer", "openai_simple_tokenizer"), ("clip_bpe (ours)", "clip_jax")):
-            r = w[key]
-            speedup = f"**{w['speedup']:.2f}x**" if key == "clip_jax" else "1.00x"
-            lines.append(
-                f"| {workload} | {w['n_captions']:,} ({w['n_distinct']:,}) | {name} | {r['build_s']:.3f} | "
-                f"{r['tokenize_s']:.3f} | {r['captions_per_s']:,.0f} | {speedup} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for tokenizer.json and tokenizer.md")
-    parser.add_argument("--n", type=int, default=20_000, help="number of captions")
-    parser.add_argument("--seed", type=int, default=0, help="caption generator seed")
-    parser.add_argument("--repeats", type=int, default=3, help="cold runs per tokenizer; the median is reported")
-    args = parser.parse_args(argv)
-    result = run_benchmark(args.n, args.seed, args.repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tokenizer.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "tokenizer.md").write_text(to_markdown(result))
-    print(to_markdown(result), end="")
-    return result
-
-
-if __name__ == "__main__":
-    main()
+def _identical_ids(ours: np.ndarray, reference: np.ndarray) -> float:
+    if not np.array_equal(ours, reference):
+        rows = np.flatnonzero((ours != reference).any(axis=1))
+        raise AssertionError(f"token ids differ from the reference on {rows.size} captions, first row {rows[0]}")
+    return 0.0
