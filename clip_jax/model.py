@@ -28,6 +28,8 @@ class CLIP(nn.Module):
     dtype: compute dtype (bf16 on accelerators); param_dtype: storage dtype.
     remat / scan_layers: see `common.layers.Transformer`; the ResNet tower supports remat only.
     train_batchnorm: the ResNet's BatchNorm uses (and updates) batch statistics, as in training.
+    patch_dropout: the ViT keeps a random (1 - patch_dropout) of each image's patch tokens (FLIP),
+      as in training; apply with rngs={"patch_dropout": key}. Evaluation models keep 0.
     """
 
     config: CLIPConfig
@@ -36,16 +38,21 @@ class CLIP(nn.Module):
     remat: bool = False
     scan_layers: bool = False
     train_batchnorm: bool = False  # ModifiedResNet only: batch statistics; apply with mutable=["batch_stats"]
+    patch_dropout: float = 0.0  # ViT only: fraction of patch tokens dropped per example (training)
 
     def setup(self):
         cfg = self.config
+        if cfg.vision.is_resnet and self.patch_dropout:
+            raise ValueError(f"patch_dropout={self.patch_dropout} needs a ViT image tower (patch tokens to drop); "
+                             "this CLIP has a ModifiedResNet: set patch_dropout to 0.")
         if cfg.vision.is_resnet:
             self.visual = ModifiedResNet(
                 cfg.vision, cfg.embed_dim, self.dtype, self.param_dtype, self.remat, self.train_batchnorm
             )
         else:
             self.visual = VisionTransformer(
-                cfg.vision, cfg.embed_dim, self.dtype, self.param_dtype, self.remat, self.scan_layers
+                cfg.vision, cfg.embed_dim, self.dtype, self.param_dtype, self.remat, self.scan_layers,
+                self.patch_dropout
             )
         self.text = TextTransformer(cfg.text, cfg.embed_dim, self.dtype, self.param_dtype, self.remat, self.scan_layers)
         self.logit_scale = self.param(

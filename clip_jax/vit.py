@@ -3,6 +3,11 @@
 Patchify with a bias-free strided conv, prepend a class token, add positional embeddings,
 `ln_pre`, the transformer, `ln_post` on the class token, then a bias-free projection into
 the joint embedding space (Radford et al. 2021, section 2.4). Images are NHWC.
+
+Patch dropout (FLIP, Li et al. 2023, section 3; open_clip's `PatchDropout`): a training-only
+module (`patch_dropout > 0`) keeps a random subset of the patch tokens of each image, after the
+positional embeddings are added and before `ln_pre`; the class token is always kept. The
+randomness comes from the "patch_dropout" rng collection.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ class VisionTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    patch_dropout: float = 0.0  # fraction of patch tokens dropped, per example; training only
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -55,6 +61,8 @@ class VisionTransformer(nn.Module):
         )
         cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, width))
         x = jnp.concatenate([cls, x], axis=1) + positional_embedding.astype(self.dtype)  # (B, grid**2 + 1, width)
+        if self.patch_dropout > 0:
+            x = keep_random_patches(x, self.patch_dropout, self.make_rng("patch_dropout"))  # (B, 1 + kept, width)
         x = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_pre")(x)
         x = Transformer(
             width,
@@ -76,3 +84,22 @@ class VisionTransformer(nn.Module):
             self.param_dtype,
         )
         return x @ proj.astype(self.dtype)
+
+
+def patches_kept(num_patches: int, patch_dropout: float) -> int:
+    """How many of `num_patches` tokens patch dropout keeps: at least one (open_clip's rule)."""
+    return max(1, int(num_patches * (1.0 - patch_dropout)))
+
+
+def keep_random_patches(x: jax.Array, patch_dropout: float, rng: jax.Array) -> jax.Array:
+    """x (B, 1 + N, D), class token first -> (B, 1 + K, D): the class token and K random patches per example.
+
+    Each example draws its own subset (top-K of uniform noise, as open_clip), kept in raster order.
+    """
+    if not 0.0 <= patch_dropout < 1.0:
+        raise ValueError(f"patch_dropout must be in [0, 1) (a fraction of patches dropped), found {patch_dropout}")
+    cls, patches = x[:, :1], x[:, 1:]
+    keep = patches_kept(patches.shape[1], patch_dropout)
+    noise = jax.random.uniform(rng, patches.shape[:2])  # (B, N)
+    kept = jnp.sort(jax.lax.top_k(noise, keep)[1], axis=-1)  # (B, K) patch indices
+    return jnp.concatenate([cls, jnp.take_along_axis(patches, kept[..., None], axis=1)], axis=1)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from clip_jax import convert
+from clip_jax import convert, resize
 from clip_jax.variants import CLIPConfig, TextConfig, VisionConfig, decode_variant, known_variants
 from common.torch_io import (CheckpointFormatError, import_torch, is_torchscript_archive, load_safetensors,
                              load_torch_file, read_torchscript_state_dict, tensor_to_numpy)
@@ -260,12 +260,15 @@ def _hf_act(name: str) -> str:
 
 
 def load_variables(path: str | os.PathLike, *, act: str | None = None, vision_heads: int | None = None,
-                   text_heads: int | None = None, trust_torchscript: bool = False) -> tuple[CLIPConfig, dict, str]:
+                   text_heads: int | None = None, trust_torchscript: bool = False, image_size: int | None = None,
+                   context_length: int | None = None) -> tuple[CLIPConfig, dict, str]:
     """(config, variables, format) for a checkpoint.
 
     act, vision_heads, text_heads: what OpenAI-format weights cannot tell (see the module
     docstring); None infers them. A Hugging Face directory states them in config.json, so
     there they are refused rather than ignored.
+    image_size, context_length: load at another resolution or text context (`clip_jax.resize`:
+    positional embeddings resampled); None keeps the checkpoint's.
     """
     sd, naming, extra = read_checkpoint(path, trust_torchscript=trust_torchscript)
     given = {k: v for k, v in zip(_OVERRIDES, (act, vision_heads, text_heads)) if v is not None}
@@ -275,11 +278,15 @@ def load_variables(path: str | os.PathLike, *, act: str | None = None, vision_he
                 raise TypeError(f"{path} is a Hugging Face CLIP directory, whose config.json sets the heads and "
                                 f"activation; the overrides {given} do not apply. Edit config.json if it is wrong.")
             cfg = infer_hf_config(sd, extra["hf"])
-            return cfg, convert.params_from_hf_state_dict(sd, cfg), "hf"
-        cfg = infer_openai_config(sd, open_clip_cfg=extra.get("open_clip"), **given)
-        return cfg, convert.params_from_openai_state_dict(sd, cfg), "openai"
+            variables = convert.params_from_hf_state_dict(sd, cfg)
+        else:
+            cfg = infer_openai_config(sd, open_clip_cfg=extra.get("open_clip"), **given)
+            variables = convert.params_from_openai_state_dict(sd, cfg)
     except KeyError as err:
         raise CheckpointFormatError(f"{path}: CLIP weight {err} is missing; the checkpoint is incomplete or not CLIP.") from err
+    del sd  # the converted copy is all that is kept
+    cfg, variables = resize.resize_variables(variables, cfg, image_size=image_size, context_length=context_length)
+    return cfg, variables, naming
 
 
 # -- writing --------------------------------------------------------------------------------------

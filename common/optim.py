@@ -1,5 +1,5 @@
 """Optimizer for every model here: AdamW, linear warmup + cosine decay, masked weight decay,
-global-norm clipping and gradient accumulation (optax.MultiSteps).
+global-norm clipping, gradient accumulation (optax.MultiSteps) and frozen parts.
 
 Defaults follow CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision", sec. 2.5 and table 19): AdamW (Loshchilov & Hutter 2019) with decoupled weight decay
@@ -9,6 +9,10 @@ uses the same recipe with b2=0.96, eps=1e-8, weight decay 4.5e-2, clipping at no
 warmup steps; its experiment configs override these fields.
 
 Decay follows PyTorch's ``AdamW``: the decoupled decay is scaled by the scheduled learning rate.
+
+Frozen parts (``OptimConfig.frozen``, e.g. a locked image tower for LiT, Zhai et al. 2022) get no
+update and no optimizer state (``optax.multi_transform`` with ``set_to_zero``), and are left out of
+the clipped global norm, as PyTorch leaves out parameters with ``requires_grad=False``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class OptimConfig:
     grad_clip_norm: float | None = 1.0  # clip the (accumulated) gradient's global norm; None: no clipping
     accum_steps: int = 1  # micro-batches per update when accumulating with optax.MultiSteps
     no_decay_names: tuple[str, ...] = DEFAULT_NO_DECAY_NAMES  # see decay_mask
+    frozen: tuple[str, ...] = ()  # parameter path prefixes ("visual", "text/transformer/resblocks_0") never updated
 
     def __post_init__(self):
         checks = [
@@ -64,6 +69,7 @@ class OptimConfig:
             if not ok:
                 raise ValueError(f"invalid OptimConfig: expected {rule}, found {self}")
         object.__setattr__(self, "no_decay_names", tuple(self.no_decay_names))
+        object.__setattr__(self, "frozen", tuple(self.frozen))
 
 
 def make_schedule(cfg: OptimConfig | Mapping[str, Any] | Any) -> optax.Schedule:
@@ -107,9 +113,34 @@ def decay_mask(params: Any, no_decay_names: Sequence[str] = DEFAULT_NO_DECAY_NAM
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
+def frozen_mask(params: Any, frozen: Sequence[str]) -> Any:
+    """Which parameters are frozen: a pytree of bools shaped like ``params``.
+
+    A leaf is frozen iff its ``/``-joined path (e.g. ``visual/transformer/resblocks_0/attn/query/kernel``)
+    is one of the ``frozen`` prefixes or lies under one. A prefix that matches no parameter is an error
+    (a typo would otherwise train what was meant to be frozen). Works on flax-boxed trees too.
+    """
+    prefixes = tuple(p.strip("/") for p in frozen)
+    matched: set[str] = set()
+
+    def rule(path, leaf):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        hits = [p for p in prefixes if name == p or name.startswith(p + "/")]
+        matched.update(hits)
+        return bool(hits)
+
+    mask = jax.tree_util.tree_map_with_path(rule, params)
+    unmatched = [p for p in prefixes if p not in matched]
+    if unmatched:
+        names = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        raise ValueError(f"frozen prefixes {unmatched} match no parameter; expected '/'-joined path prefixes "
+                         f"such as {sorted({n.rsplit('/', 2)[0] for n in names})[:6]}.")
+    return mask
+
+
 def make_optimizer(cfg: OptimConfig | Mapping[str, Any] | Any) -> optax.GradientTransformation:
-    """``clip_by_global_norm -> AdamW(schedule, masked decay)``, wrapped in ``optax.MultiSteps`` when
-    ``accum_steps > 1``.
+    """``clip_by_global_norm -> AdamW(schedule, masked decay)`` on the trainable parameters (zero updates
+    and no state for ``frozen`` ones), wrapped in ``optax.MultiSteps`` when ``accum_steps > 1``.
 
     With ``MultiSteps`` the step function is called once per micro-batch: gradients are averaged in
     the optimizer state and an update is applied every ``accum_steps`` calls (zeros in between), so
@@ -125,6 +156,10 @@ def make_optimizer(cfg: OptimConfig | Mapping[str, Any] | Any) -> optax.Gradient
         mask=functools.partial(decay_mask, no_decay_names=cfg.no_decay_names),
     )
     tx = adamw if cfg.grad_clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+    if cfg.frozen:
+        labels = lambda params: jax.tree.map(  # noqa: E731
+            lambda f: "frozen" if f else "trained", frozen_mask(params, cfg.frozen))
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
     if cfg.accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.accum_steps)
     return tx

@@ -2,7 +2,8 @@
 
 `run(config, workdir)` is what `python -m experiments.run --config experiments/configs/clip_*.py`
 calls: it makes the mesh, builds the model and the input pipeline, trains (resuming from the last
-checkpoint in workdir) and runs the evaluators: the task's metrics on `config.eval_data`, and
+checkpoint in workdir; else starting from `config.init_from` weights when given, with the towers
+`config.lock_*` asks for frozen) and runs the evaluators: the task's metrics on `config.eval_data`, and
 zero-shot classification and retrieval on the built-in shapes data when `config.zeroshot_shapes`
 asks for it (smoke runs). Everything here runs on every host of a multi-host job.
 """
@@ -16,7 +17,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from clip_jax import retrieval, zeroshot
+from jax.experimental import multihost_utils
+
+from clip_jax import finetune, retrieval, weights, zeroshot
 from clip_jax.api import CLIPBundle
 from clip_jax.train import CLIPTask, clip_transform
 from clip_jax.variants import CLIPConfig, decode_variant
@@ -26,6 +29,7 @@ from common.data import pipeline, shapes, sources
 from common.trainer import Evaluator, Trainer
 from experiments.driver import fit_and_report
 
+EXPORT_FILE = "clip_openai.safetensors"  # written at the end of a run when config.export_openai is set
 # Prompts for the shapes data's two label kinds; none of them is a training caption's wording.
 SHAPES_TEMPLATES = {
     "shape": ("a {}.", "an image of a {}.", "a picture of a {} shape.", "a drawing of a {}."),
@@ -34,19 +38,50 @@ SHAPES_TEMPLATES = {
 
 
 def model_config(cfg: Any) -> CLIPConfig:
-    """A CLIPConfig from `config.model`: a variant name, optionally with sizes overridden (smoke runs)."""
+    """A CLIPConfig from `config.model`: a variant name, optionally with sizes overridden (smoke runs,
+    image size, context length); overrides set to None keep the variant's value."""
     base = decode_variant(cfg.variant)
-    vision = dataclasses.replace(base.vision, **dict(cfg.get("vision", {})))
-    text = dataclasses.replace(base.text, **dict(cfg.get("text", {})))
+    overrides = lambda name: {k: v for k, v in dict(cfg.get(name, {})).items() if v is not None}  # noqa: E731
+    vision = dataclasses.replace(base.vision, **overrides("vision"))
+    text = dataclasses.replace(base.text, **overrides("text"))
     return CLIPConfig(cfg.get("embed_dim", base.embed_dim), vision, text)
 
 
 def make_task(config: Any, mesh: jax.sharding.Mesh) -> CLIPTask:
     """The `CLIPTask` that `config` (experiments/configs/clip_common.py) describes, its loss sharded over `mesh`."""
     m = config.model
-    return CLIPTask(model_config(m), loss=config.loss, dtype=compute_dtype(m.get("dtype", "float32")),
-                    remat=m.get("remat", False), scan_layers=m.get("scan_layers", False),
-                    freeze_batchnorm=m.get("freeze_batchnorm", False), mesh=mesh)
+    cfg, scan_layers = model_config(m), m.get("scan_layers", False)
+    frozen = finetune.frozen_prefixes(
+        cfg, lock_image=config.get("lock_image", False), lock_image_unlocked_groups=config.get("lock_image_unlocked_groups", 0),
+        lock_text=config.get("lock_text", False), lock_text_unlocked_layers=config.get("lock_text_unlocked_layers", 0),
+        scan_layers=scan_layers)
+    return CLIPTask(cfg, loss=config.loss, dtype=compute_dtype(m.get("dtype", "float32")),
+                    remat=m.get("remat", False), scan_layers=scan_layers,
+                    freeze_batchnorm=m.get("freeze_batchnorm", False), frozen=frozen,
+                    patch_dropout=m.get("patch_dropout", 0.0), patch_dropout_until_step=m.get("patch_dropout_until_step"),
+                    mesh=mesh)
+
+
+def optim_config(config: Any, task: CLIPTask) -> dict[str, Any]:
+    """`config.optim` with the task's frozen parameters, which get no update and no optimizer state."""
+    return {**config.optim.to_dict(), "frozen": task.frozen}
+
+
+def make_trainer(config: Any, task: CLIPTask, workdir: Path, mesh: jax.sharding.Mesh) -> Trainer:
+    """The trainer of `task`; a fresh run (no checkpoint in workdir: resuming wins) starts from
+    `config.init_from` weights (`config.init_from_tower`: "both", "image" or "text") when given."""
+    trainer = Trainer(task, config.trainer, optim_config(config, task), workdir, mesh=mesh)
+    path = config.get("init_from")
+    if path and trainer.checkpoints.latest_step() is None:
+        tower = config.get("init_from_tower", "both")
+        variables = finetune.load_pretrained(path, task.config, tower=tower, scan_layers=task.model.scan_layers)
+        state, shardings = trainer.state, trainer.state_shardings
+        params, model_state = finetune.place_pretrained(variables, state.params, state.model_state, shardings.params,
+                                                        shardings.model_state, tower=tower)
+        ema = None if state.ema_params is None else finetune.place_pretrained(
+            variables, state.ema_params, {}, shardings.ema_params, {}, tower=tower)[0]
+        trainer.state = state.replace(params=params, model_state=model_state, ema_params=ema)
+    return trainer
 
 
 def shapes_zero_shot(bundle: CLIPBundle, dataset, *, batch_size: int, mesh) -> dict[str, float]:
@@ -98,7 +133,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.trainer.mesh)
     task = make_task(config, mesh)
-    trainer = Trainer(task, config.trainer, config.optim, workdir, mesh=mesh)
+    trainer = make_trainer(config, task, workdir, mesh)
     cfg = task.config
     sizes = dict(global_batch_size=trainer.cfg.global_batch_size, image_size=cfg.vision.image_size,
                  context_length=cfg.text.context_length)
@@ -110,4 +145,17 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     if config.get("zeroshot_shapes"):
         for split in config.zeroshot_shapes.splits:
             evaluators[f"shapes_{split}"] = shapes_evaluator(task, split, config.zeroshot_shapes, mesh)
-    return fit_and_report(trainer, data, evaluators, workdir)
+    summary = fit_and_report(trainer, data, evaluators, workdir)
+    if config.get("export_openai") and not summary["preempted"]:
+        export_openai(trainer, task, workdir / EXPORT_FILE)
+    return summary
+
+
+def export_openai(trainer: Trainer, task: CLIPTask, path: Path) -> None:
+    """Writes the evaluation parameters (and BatchNorm statistics) as an OpenAI-format state dict that
+    `clip_jax.load`, `--config.init_from` and OpenAI's PyTorch CLIP read. Every host gathers the
+    whole model (a collective); process 0 writes."""
+    variables = {"params": trainer.eval_params, **trainer.state.model_state}
+    host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), variables)
+    if jax.process_index() == 0:
+        weights.save_openai_state_dict(host, task.config, path)

@@ -8,6 +8,11 @@ run reached 62.96% zero-shot ImageNet top-1 there (OpenAI: 63.2%).
 
 `smoke` shrinks any variant to a ~2 minute CPU run on the built-in shapes
 data: a 2-layer tower of the same family, 32px images, 16-token captions.
+
+Fine-tuning (clip_jax/finetune.py): `init_from` starts from any checkpoint
+clip_jax.load reads, resized to this run's image size and context length;
+`lock_image` / `lock_text` freeze towers (LiT), optionally but their last
+groups. `model.patch_dropout` trains on a random subset of patches (FLIP).
 """
 
 from __future__ import annotations
@@ -32,8 +37,18 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
     c.model.remat = variant.startswith("ViT-L")  # recompute activations in the backward pass
     c.model.scan_layers = not is_resnet  # one compiled block for the whole stack: faster compiles
     c.model.freeze_batchnorm = False  # ResNets: keep stored BatchNorm statistics (fine-tuning) instead of training them
-    c.model.vision = ml_collections.ConfigDict()  # overrides of VisionConfig fields (smoke runs)
-    c.model.text = ml_collections.ConfigDict()  # overrides of TextConfig fields
+    c.model.patch_dropout = 0.0  # ViTs: fraction of patch tokens dropped per training example (FLIP uses 0.5)
+    c.model.patch_dropout_until_step = None  # after this many optimizer steps train on all patches (None: never)
+    # Overrides of VisionConfig / TextConfig fields (smoke runs); None keeps the variant's value.
+    c.model.vision = ml_collections.ConfigDict(dict(image_size=None))  # e.g. 336 to fine-tune at a higher resolution
+    c.model.text = ml_collections.ConfigDict(dict(context_length=None))  # tokens per caption (tokenizer follows)
+
+    c.init_from = None  # a checkpoint clip_jax.load reads (OpenAI .pt, open_clip, HF dir, our exports); resume wins
+    c.init_from_tower = "both"  # "both", "image" or "text": the other tower keeps its fresh initialisation
+    c.lock_image = False  # freeze the image tower (LiT); ResNets also keep their BatchNorm statistics
+    c.lock_image_unlocked_groups = 0  # ... but its last N groups (open_clip's --lock-image-unlocked-groups)
+    c.lock_text = False  # freeze the text tower
+    c.lock_text_unlocked_layers = 0  # ... but its last N groups (blocks; the last with ln_final; the projection)
 
     c.trainer = ml_collections.ConfigDict()  # common.trainer.TrainerConfig
     c.trainer.global_batch_size = 32_768
@@ -69,15 +84,16 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
     c.data.workers = 8  # grain decoding processes per host
     c.eval_data = None  # a second data block evaluated every trainer.eval_every steps
     c.zeroshot_shapes = None  # zero-shot eval on the shapes data at the end (smoke runs)
+    c.export_openai = False  # at the end, write workdir/clip_openai.safetensors (OpenAI format; init_from reads it)
 
     if arg == "smoke":
         c.model.dtype = "float32"
         c.model.remat = False
         if is_resnet:
-            c.model.vision = ml_collections.ConfigDict(dict(image_size=32, layers=(1, 1, 1, 1), width=16, heads=4))
+            c.model.vision.update(dict(image_size=32, layers=(1, 1, 1, 1), width=16, heads=4))
         else:
-            c.model.vision = ml_collections.ConfigDict(dict(image_size=32, patch_size=8, width=64, layers=2, heads=4))
-        c.model.text = ml_collections.ConfigDict(dict(width=64, layers=2, heads=4, context_length=16))
+            c.model.vision.update(dict(image_size=32, patch_size=8, width=64, layers=2, heads=4))
+        c.model.text.update(dict(width=64, layers=2, heads=4, context_length=16))
         c.model.embed_dim = 64
         c.trainer.update(global_batch_size=64, total_steps=400, mesh="data_parallel", log_every=20,
                          eval_every=0, checkpoint_every=100, async_checkpoints=True)
@@ -87,4 +103,5 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
                                                 crop_scale=(0.9, 1.0), workers=0))
         c.zeroshot_shapes = ml_collections.ConfigDict(dict(splits=("validation", "heldout"), num_examples=512,
                                                            batch_size=64))
+        c.export_openai = True  # a starting point for clip_lit_smoke.py
     return c
