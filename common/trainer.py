@@ -14,6 +14,11 @@ first (`common.sharding.make_mesh`) and given to the task and to the `Trainer`. 
     SIGTERM, so a resumed run replays exactly the batches it would have seen:
     a run killed at step k and restarted reaches bitwise the same parameters
     as one never killed, and its log holds every step exactly once;
+  * resumes on another mesh or process count (fsdp on 8 devices -> data
+    parallel on 4, 2 processes -> 1): the arrays are read into the new
+    shardings with the same values; the per-host data positions carry over when
+    the process count is unchanged, and otherwise the run warns, naming both
+    layouts, and continues from the same step with its input pipeline afresh;
   * guards the workdir (`common/run_guard.py`): one run at a time, and a
     resume that changes what is trained (learning rate, batch size, ...) is
     refused unless forced; a damaged checkpoint (`common/checkpoint.py`
@@ -219,6 +224,27 @@ def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: ja
     return sharding.init_sharded(create, jax.random.key(seed), mesh=mesh)
 
 
+def abstract_train_state(task: Task, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, *,
+                         ema: bool = False) -> tuple[TrainState, Any]:
+    """(state, shardings) as `init_state` makes them, the state's leaves `jax.ShapeDtypeStruct`s carrying
+    their shardings: nothing is allocated (what a memory plan compiles against)."""
+    abstract = jax.eval_shape(functools.partial(create_train_state, task, tx, ema=ema), jax.random.key(0))
+    shardings = sharding.logical_to_shardings(abstract, mesh)
+    return ckpt.abstract_like(flax.linen.meta.unbox(abstract), shardings), shardings
+
+
+def jit_train_step(task: Task, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, state_shardings: Any,
+                   batch_shardings: Any, *, ema_decay: float = 0.0) -> Callable:
+    """`train_step` jitted with the state's and the batch's shardings, metrics replicated, the state donated.
+    Call (or lower) it inside `sharding.use_mesh(mesh)`, where the model's logical constraints apply."""
+    return jax.jit(
+        functools.partial(train_step, task=task, tx=tx, ema_decay=ema_decay),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 def _gather_from_processes(value: Any) -> list[Any]:
     """A JSON-serializable `value` from every process, in process order.
 
@@ -232,6 +258,11 @@ def _gather_from_processes(value: Any) -> list[Any]:
     padded[: raw.size] = raw
     rows = multihost_utils.process_allgather(padded)  # (P, longest)
     return [json.loads(row[:size].tobytes()) for row, size in zip(rows, sizes)]
+
+
+def _describe_layout(layout: Mapping[str, Any]) -> str:
+    mesh = ", ".join(f"{axis}={size}" for axis, size in layout["mesh"].items())
+    return f"mesh ({mesh}) over {layout['processes']} process(es)"
 
 
 class _Preemption:
@@ -308,12 +339,8 @@ class Trainer:
 
     def compiled_train_step(self, batch: Batch) -> Callable:
         if self._train_step is None:
-            self._train_step = jax.jit(
-                functools.partial(train_step, task=self.task, tx=self.tx, ema_decay=self.cfg.ema_decay),
-                in_shardings=(self.state_shardings, self._batch_shardings(batch)),
-                out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-                donate_argnums=0,
-            )
+            self._train_step = jit_train_step(self.task, self.tx, self.mesh, self.state_shardings,
+                                              self._batch_shardings(batch), ema_decay=self.cfg.ema_decay)
         return self._train_step
 
     def compiled_eval_step(self, batch: Batch) -> Callable:
@@ -337,20 +364,33 @@ class Trainer:
         """(step, metadata) of the checkpoint loaded into the state and `data`; (0, {}) if none."""
         if self.checkpoints.latest_step() is None:
             return 0, {}
+        # The arrays are read straight into this run's shardings, whatever mesh wrote them.
         target = ckpt.abstract_like(self.state, self.state_shardings)
         self.state, meta = self.checkpoints.restore(target=target, fall_back=self.cfg.fallback_to_previous_checkpoint)
         step = int(jax.device_get(self.state.step))
+        saved, now = meta.get("layout"), self._layout()
+        if saved is not None and saved != now:
+            log.info("Step %d in %s was saved on %s; restored onto %s.", step, self.checkpoints.directory,
+                     _describe_layout(saved), _describe_layout(now))
         states = meta.get("data_state")  # one per process, in process order
         if data is not None and states is not None:
-            if len(states) != jax.process_count():
-                raise ValueError(
-                    f"Step {step} in {self.checkpoints.directory} holds the data-iterator states of "
-                    f"{len(states)} process(es), but this run has {jax.process_count()}. Each process "
-                    f"resumes its own input shard: resume with {len(states)} process(es)."
-                )
-            data.set_state(states[jax.process_index()])
+            if len(states) == jax.process_count():
+                data.set_state(states[jax.process_index()])
+            else:
+                log.warning(
+                    "Step %d in %s holds the input positions of %d process(es), each reading its own shard of "
+                    "every batch; this run has %d. The data cannot continue bitwise under another process count, "
+                    "so the input pipeline starts afresh in the new layout, while the model, optimizer state and "
+                    "step continue from step %d. (Saved on %s; now %s.) Resume with %d process(es) to continue "
+                    "the data exactly.", step, self.checkpoints.directory, len(states), jax.process_count(), step,
+                    _describe_layout(saved) if saved else f"{len(states)} process(es)", _describe_layout(now),
+                    len(states))
         log.info("Resumed from %s at step %d", self.checkpoints.directory, step)
         return step, meta
+
+    def _layout(self) -> dict[str, Any]:
+        """Where the state lives: the mesh's axis sizes and the process count (checkpoint metadata)."""
+        return {"mesh": dict(self.mesh.shape), "processes": jax.process_count()}
 
     def _config_record(self) -> dict[str, Any]:
         return {"trainer": dataclasses.asdict(self.cfg), "optim": dataclasses.asdict(self.optim_cfg)}
@@ -363,7 +403,8 @@ class Trainer:
         # Every host reads its own shard, so every host's iterator state is kept;
         # orbax writes the JSON metadata from process 0 only, whose log length is the one kept.
         meta = {"step": step, "data_state": _gather_from_processes(data.get_state()) if data is not None else None,
-                "config": self._config_record(), "log_bytes": writer.bytes_written if writer is not None else None}
+                "config": self._config_record(), "log_bytes": writer.bytes_written if writer is not None else None,
+                "layout": self._layout()}
         return self.checkpoints.save(step, self.state, meta, force=force)
 
     # -- evaluation -----------------------------------------------------------
