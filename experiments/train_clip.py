@@ -5,7 +5,7 @@ calls: it makes the mesh, builds the model and the input pipeline, trains (resum
 checkpoint in workdir; else starting from `config.init_from` weights when given, with the towers
 `config.lock_*` asks for frozen) and runs the evaluators: the task's metrics on `config.eval_data`, and
 zero-shot classification and retrieval on the built-in shapes data when `config.zeroshot_shapes`
-asks for it (smoke runs). Everything here runs on every host of a multi-host job.
+asks for it (smoke runs), and few-shot linear probes there when `config.fewshot_shapes` does. Everything here runs on every host of a multi-host job.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from clip_jax import finetune, retrieval, weights, zeroshot
+from clip_jax import finetune, linear_probe, retrieval, weights, zeroshot
 from clip_jax.api import CLIPBundle
 from clip_jax.train import CLIPTask, clip_transform
 from clip_jax.variants import CLIPConfig, decode_variant
@@ -118,6 +118,22 @@ def shapes_evaluator(task: CLIPTask, split: str, zcfg: Any, mesh: jax.sharding.M
     return evaluate
 
 
+def shapes_fewshot_evaluator(task: CLIPTask, fcfg: Any, mesh: jax.sharding.Mesh) -> Evaluator:
+    """Few-shot ridge-regression accuracy of the image tower (clip_jax.linear_probe) on the shapes data's
+    `fcfg.label` ("shape" or "color"): k-shot sets drawn from `fcfg.train_examples` train images, scored
+    on `fcfg.test_examples` validation images."""
+    render = shapes.ShapesConfig(image_size=task.config.vision.image_size)
+
+    def split(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        items = [shapes.ShapesDataset(name, n, render)[i] for i in range(n)]
+        return np.stack([it["image"] for it in items]), np.asarray([it[f"{fcfg.label}_id"] for it in items])
+
+    return linear_probe.fewshot_evaluator(
+        task.model, task.config, split("train", fcfg.train_examples), split("validation", fcfg.test_examples),
+        num_classes=len(shapes.SHAPES if fcfg.label == "shape" else shapes.COLORS), mesh=mesh,
+        shots=tuple(fcfg.shots), num_seeds=fcfg.num_seeds, batch_size=fcfg.batch_size)
+
+
 def make_pipeline(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
                   train: bool = True, num_epochs: int | None = None):
     transform = clip_transform(image_size, context_length, train=train,
@@ -145,6 +161,8 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     if config.get("zeroshot_shapes"):
         for split in config.zeroshot_shapes.splits:
             evaluators[f"shapes_{split}"] = shapes_evaluator(task, split, config.zeroshot_shapes, mesh)
+    if config.get("fewshot_shapes"):
+        evaluators["fewshot_shapes"] = shapes_fewshot_evaluator(task, config.fewshot_shapes, mesh)
     summary = fit_and_report(trainer, data, evaluators, workdir)
     if config.get("export_openai") and not summary["preempted"]:
         export_openai(trainer, task, workdir / EXPORT_FILE)

@@ -84,6 +84,7 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
     c.data.workers = 8  # grain decoding processes per host
     c.eval_data = None  # a second data block evaluated every trainer.eval_every steps
     c.zeroshot_shapes = None  # zero-shot eval on the shapes data at the end (smoke runs)
+    c.fewshot_shapes = None  # few-shot ridge-regression probes on the shapes data (clip_jax.linear_probe; smoke runs)
     c.export_openai = False  # at the end, write workdir/clip_openai.safetensors (OpenAI format; init_from reads it)
 
     if arg == "smoke":
@@ -103,5 +104,8 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
                                                 crop_scale=(0.9, 1.0), workers=0))
         c.zeroshot_shapes = ml_collections.ConfigDict(dict(splits=("validation", "heldout"), num_examples=512,
                                                            batch_size=64))
+        # k-shot sets (big_vision's shots) drawn per seed from train_examples, scored on test_examples.
+        c.fewshot_shapes = ml_collections.ConfigDict(dict(label="shape", shots=(1, 5, 10, 25), train_examples=256,
+                                                          test_examples=256, num_seeds=3, batch_size=64))
         c.export_openai = True  # a starting point for clip_lit_smoke.py
     return c
