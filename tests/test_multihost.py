@@ -142,6 +142,14 @@ def test_two_processes_train_like_one(tmp_path, start_workers):
     assert [r["step"] for r in logged] == list(range(1, 7))
     assert {r["step"]: r["loss"] for r in logged} == resumed
 
+    # Restore on another process count (another_mesh): one process with all 4 devices loads the two
+    # processes' step 6 with identical parameters, and says the data layout cannot continue bitwise.
+    leg3 = start_workers(multi, "leg3", 1, 6, ["resumed=fsdp"])
+    leg3.wait()
+    assert "cannot continue bitwise" in leg3.logs[0].read_text()
+    for key, value in _params(leg2, "resumed").items():
+        np.testing.assert_array_equal(_params(leg3.out, "resumed")[key], value, err_msg=key)
+
     for multi_name, single_name in (("straight", "fsdp"), ("dp", "dp")):
         # The loss is a replicated value: both processes see the same one.
         assert _losses(leg2, multi_name, 0) == _losses(leg2, multi_name, 1)
