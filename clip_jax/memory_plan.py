@@ -14,9 +14,11 @@ backward pass, gradients, workspaces) and the generated code; `peak` sums what i
 Devices: a count equal to this process's device count compiles for those devices (on a pod, the pod);
 any other count runs this command again in a child process on that many simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=N): XLA partitions the program for all N devices
-and the per-device analysis is exact for the CPU compiler's buffer assignment. Accelerator compilers
-fuse and lay out differently (and the CPU compiler may keep some bf16 intermediates in fp32), so the
-temporaries on a GPU or TPU differ by their fusion; arguments and outputs are the same bytes.
+and the per-device analysis is exact for the CPU compiler's buffer assignment. Arguments, outputs and
+aliasing are the same bytes on any backend. Temporaries are not: accelerator compilers fuse and lay out
+differently, and the CPU compiler computes bf16 in fp32 with conversion copies (a bf16 MLP's gradient
+needs more temporaries there than the fp32 one), so simulated bf16 temporaries are an upper bound for a
+GPU or TPU, which keep bf16 activations; `--dtype float32` gives the fp32 run's own number.
 """
 
 from __future__ import annotations
