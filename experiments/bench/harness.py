@@ -151,6 +151,8 @@ def machine_info() -> dict[str, Any]:
                 "torch": torch.__version__}
     return {"backend": jax.default_backend(), "device_kind": device.device_kind, "devices": jax.device_count(),
             "cpu": _cpu_model(), "cpu_cores": cpu_cores(), "torch_threads": torch.get_num_threads(),
+            # Other processes' load skews CPU ratios (torch's spinning threads suffer most): read it with the table.
+            "load_average_15min": os.getloadavg()[2] if hasattr(os, "getloadavg") else None,
             "versions": versions}
 
 
@@ -171,7 +173,8 @@ def to_markdown(info: dict[str, Any], sections: list[Section], total_s: float) -
     v = info["versions"]
     lines = [f"# Benchmarks on {machine_name(info)}", "",
              f"{info['backend']} ({info['device_kind']}, {info['devices']} device(s)); CPU {info['cpu']}, "
-             f"{info['cpu_cores']} cores, torch threads {info['torch_threads']}; python {v['python']}, jax {v['jax']}, "
+             f"{info['cpu_cores']} cores, torch threads {info['torch_threads']}, 15-min load average "
+             f"{_number(info['load_average_15min'])} at the end; python {v['python']}, jax {v['jax']}, "
              f"torch {v['torch']}. Written by `make bench` in {total_s / 60:.1f} min. Ratio = ours / reference "
              "throughput (> 1: we are faster), same weights and inputs, outputs checked; median of the timed "
              "calls after a warm-up call, spread = (max - min) / median.", "",
