@@ -18,6 +18,7 @@ groups. `model.patch_dropout` trains on a random subset of patches (FLIP).
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 LAION400M_PAIRS = 400_000_000
 EPOCHS = 32
@@ -38,12 +39,12 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
     c.model.scan_layers = not is_resnet  # one compiled block for the whole stack: faster compiles
     c.model.freeze_batchnorm = False  # ResNets: keep stored BatchNorm statistics (fine-tuning) instead of training them
     c.model.patch_dropout = 0.0  # ViTs: fraction of patch tokens dropped per training example (FLIP uses 0.5)
-    c.model.patch_dropout_until_step = None  # after this many optimizer steps train on all patches (None: never)
-    # Overrides of VisionConfig / TextConfig fields (smoke runs); None keeps the variant's value.
-    c.model.vision = ml_collections.ConfigDict(dict(image_size=None))  # e.g. 336 to fine-tune at a higher resolution
-    c.model.text = ml_collections.ConfigDict(dict(context_length=None))  # tokens per caption (tokenizer follows)
+    c.model.patch_dropout_until_step = placeholder(int)  # after this many optimizer steps train on all patches (None: never)
+    # Overrides of VisionConfig / TextConfig fields (smoke runs); None (placeholders) keeps the variant's value.
+    c.model.vision = ml_collections.ConfigDict(dict(image_size=placeholder(int)))  # e.g. 336 to fine-tune at a higher resolution
+    c.model.text = ml_collections.ConfigDict(dict(context_length=placeholder(int)))  # tokens per caption (tokenizer follows)
 
-    c.init_from = None  # a checkpoint clip_jax.load reads (OpenAI .pt, open_clip, HF dir, our exports); resume wins
+    c.init_from = placeholder(str)  # a checkpoint clip_jax.load reads (OpenAI .pt, open_clip, HF dir, our exports); resume wins
     c.init_from_tower = "both"  # "both", "image" or "text": the other tower keeps its fresh initialisation
     c.lock_image = False  # freeze the image tower (LiT); ResNets also keep their BatchNorm statistics
     c.lock_image_unlocked_groups = 0  # ... but its last N groups (open_clip's --lock-image-unlocked-groups)
