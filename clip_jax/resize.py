@@ -47,7 +47,7 @@ def interpolation_matrix(old: int, new: int, method: str) -> np.ndarray:
         x = (i + 0.5) * old / new - 0.5
         if method == "linear":
             x = max(x, 0.0)
-            lo = min(int(math.floor(x)), old - 1)
+            lo = min(math.floor(x), old - 1)
             frac = x - lo
             weights[i, lo] += 1.0 - frac
             weights[i, min(lo + 1, old - 1)] += frac

@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import numpy as np
-
 from jax.experimental import multihost_utils
 
 from clip_jax import finetune, linear_probe, retrieval, weights, zeroshot
