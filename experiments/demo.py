@@ -116,9 +116,10 @@ def judge_samples(trained: Any, clip: CLIPBundle, judge: demo_judge.JudgeTask, j
     """N samples per caption, ordered by CLIP score (best first), and the judge's verdict on each.
 
     Returns {"captions", "images": float (C, N, H, W, 3), "order": (C, N) candidate index at each rank,
-    "color_ok", "shape_ok": bool (C, N), "seen": the judge's colour and shape names (C, N)}.
+    "clip_scores": (C, N) CLIP scores in rank order, "color_ok", "shape_ok": bool (C, N), "seen": the judge's
+    colour and shape names (C, N)}.
     """
-    images, order, color_ok, shape_ok, seen = [], [], [], [], []
+    images, order, scores, color_ok, shape_ok, seen = [], [], [], [], [], []
     sampling = dict(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, guidance_scale=gen.guidance_scale)
     for c, item in enumerate(progress_bar(items, desc, unit="caption")):
         out = generate(trained, [item["caption"]], n=gen.candidates, keep=gen.candidates, clip=clip,
@@ -127,11 +128,12 @@ def judge_samples(trained: Any, clip: CLIPBundle, judge: demo_judge.JudgeTask, j
         colors, kinds = judge.predict(judge_variables, candidates)
         images.append(candidates)
         order.append(out["kept"][0])
+        scores.append(np.sort(out["scores"][0])[::-1])  # (N,) CLIP scores, best first
         color_ok.append(colors == item["color_id"])
         shape_ok.append(kinds == item["shape_id"])
         seen.append([f"{shapes.COLORS[a]} {shapes.SHAPES[b]}" for a, b in zip(colors, kinds)])
     return {"captions": [item["caption"] for item in items], "images": np.stack(images), "order": np.stack(order),
-            "color_ok": np.stack(color_ok), "shape_ok": np.stack(shape_ok), "seen": seen}
+            "clip_scores": np.stack(scores), "color_ok": np.stack(color_ok), "shape_ok": np.stack(shape_ok), "seen": seen}
 
 
 def faithfulness(judged: dict[str, Any], keep: int) -> dict[str, float]:
@@ -142,6 +144,8 @@ def faithfulness(judged: dict[str, Any], keep: int) -> dict[str, float]:
     for name, ok in (("", both), ("_color", judged["color_ok"]), ("_shape", judged["shape_ok"])):
         out[f"random_choice{name}"] = float(ok.mean())
         out[f"reranked{name}"] = float(ok[:, :keep].mean())
+    out["clip_score_random_choice"] = float(judged["clip_scores"].mean())  # CLIP's own view of the same choice
+    out["clip_score_reranked"] = float(judged["clip_scores"][:, :keep].mean())
     return out
 
 

@@ -48,6 +48,10 @@ ROWS = (
     ("faithfulness_reranked_shape", "DALL·E, seen pairs: shape alone, CLIP's best k"),
     ("faithfulness_unseen_random_choice_shape", "DALL·E, never-seen pairs: shape alone, random choice"),
     ("faithfulness_unseen_reranked_shape", "DALL·E, never-seen pairs: shape alone, CLIP's best k"),
+    ("faithfulness_clip_score_random_choice", "DALL·E, seen pairs: CLIP score (image-caption cosine), random choice"),
+    ("faithfulness_clip_score_reranked", "DALL·E, seen pairs: CLIP score, CLIP's best k"),
+    ("faithfulness_unseen_clip_score_random_choice", "DALL·E, never-seen pairs: CLIP score, random choice"),
+    ("faithfulness_unseen_clip_score_reranked", "DALL·E, never-seen pairs: CLIP score, CLIP's best k"),
 )
 
 
