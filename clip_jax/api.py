@@ -2,6 +2,7 @@
 
     model = clip_jax.load("ViT-B/32")                      # random init of a named variant
     model = clip_jax.load("/ckpts/ViT-B-32.pt")            # OpenAI / open_clip / HF weights, architecture inferred
+    model = clip_jax.load("/ckpts/ViT-B-32.pt", image_size=384)  # position grid resized: 7x7 -> 12x12 patches
     feats = model.encode_image(np.stack([model.preprocess(img)]))
     text = model.encode_text(model.tokenize(["a photo of a cat."]))
 """
@@ -122,12 +123,24 @@ def _cast(variables: dict, dtype) -> dict:
                         variables)
 
 
+def _resized_config(cfg: CLIPConfig, *, image_size: int | None, context_length: int | None) -> CLIPConfig:
+    """`cfg` at another image size and/or context length; None keeps its own (VisionConfig checks the size)."""
+    vision = cfg.vision if image_size is None else dataclasses.replace(cfg.vision, image_size=image_size)
+    text = cfg.text if context_length is None else dataclasses.replace(cfg.text, context_length=context_length)
+    return dataclasses.replace(cfg, vision=vision, text=text)
+
+
 def load(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32, seed: int = 0,
          act: str | None = None, vision_heads: int | None = None, text_heads: int | None = None,
-         trust_torchscript: bool = False) -> CLIPBundle:
+         trust_torchscript: bool = False, image_size: int | None = None,
+         context_length: int | None = None) -> CLIPBundle:
     """A CLIP bundle from a variant name (random init) or a checkpoint path (architecture inferred).
 
     dtype: compute dtype (e.g. jnp.bfloat16 on accelerators; default fp32).
+    image_size, context_length: the bundle's input sizes; None keeps the variant's or the checkpoint's.
+    A checkpoint's positional embeddings are resampled to them (`clip_jax.resize`: the ViT's grid
+    bicubically, as open_clip's `resize_pos_embed`; text positions truncated or stretched), a variant
+    is initialised at them.
     act ("quick_gelu" | "gelu"), vision_heads, text_heads: for OpenAI-format checkpoints
     whose heads/activation the weights cannot tell; refused where they do not apply.
     trust_torchscript: read TorchScript archives (OpenAI's .pt releases) with `torch.jit.load`,
@@ -141,7 +154,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any
                                           ("trust_torchscript", trust_torchscript or None)) if v is not None]
         if checkpoint_only:
             raise TypeError(f"{checkpoint_only} only apply when loading a checkpoint, not the named variant {name!r}.")
-        cfg = decode_variant(name)
+        cfg = _resized_config(decode_variant(name), image_size=image_size, context_length=context_length)
         model = CLIP(cfg, dtype=dtype, param_dtype=param_dtype)
         variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), *dummy_inputs(cfg)))
         return CLIPBundle(model, variables, cfg, "random-init")
@@ -152,6 +165,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any
             "Hugging Face CLIP directory."
         )
     cfg, variables, source = weights.load_variables(name, act=act, vision_heads=vision_heads, text_heads=text_heads,
-                                                    trust_torchscript=trust_torchscript)
+                                                    trust_torchscript=trust_torchscript, image_size=image_size,
+                                                    context_length=context_length)
     model = CLIP(cfg, dtype=dtype, param_dtype=param_dtype)
     return CLIPBundle(model, _cast(variables, param_dtype), cfg, source)

@@ -1,23 +1,35 @@
-"""Fine-tuning CLIP: init_from imported weights (whole, one tower, resized), LiT locks, context length."""
+"""Fine-tuning CLIP: init_from imported weights (whole, one tower, resized), LiT locks, context length,
+`clip_jax.load` at another image size and context length.
 
+Every init_from test starts from one smoke run's export (`smoke_export`), and the module's runs share
+a compilation cache: a trainer built twice for the same model compiles its programs once."""
+
+import dataclasses
 import math
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 import torch
-from flax import linen as nn
 
 import clip_jax
-from clip_jax import convert, finetune, losses, resize, weights
-from clip_jax.model import CLIP, dummy_inputs
+from clip_jax import convert, finetune, resize
 from common import sharding
-from common.optim import frozen_mask
+from common.optim import frozen_mask, make_optimizer
 from experiments.configs import clip_lit_smoke, clip_rn50, clip_vit_b32
-from experiments.train_clip import make_pipeline, make_task, make_trainer, model_config, run
+from experiments.train_clip import (
+    EXPORT_FILE,
+    make_pipeline,
+    make_task,
+    make_trainer,
+    model_config,
+    run,
+)
 
-HEADS = dict(vision_heads=2, text_heads=2)  # the tiny model's heads, which OpenAI-format weights do not record
+pytestmark = pytest.mark.usefixtures("compile_cache")
+HEADS = {"vision_heads": 2, "text_heads": 2}  # the tiny model's heads, which OpenAI-format weights do not record
 
 
 def _config(make=clip_vit_b32.get_config, *, scan_layers=None, **fields):
@@ -28,21 +40,15 @@ def _config(make=clip_vit_b32.get_config, *, scan_layers=None, **fields):
         c.model.vision.update(image_size=16, width=32, layers=2, heads=2)
     c.model.text.update(width=32, layers=2, heads=2, context_length=16)
     c.model.embed_dim = 32
+    # FSDP: init_from places sharded leaves, and checkpoints need no per-replica copies (cheaper to save).
     c.trainer.update(total_steps=2, global_batch_size=8, log_every=1, checkpoint_every=2, progress=False,
-                     async_checkpoints=False)
+                     async_checkpoints=False, mesh="fsdp")
     c.optim.warmup_steps = 1
-    c.data = ml_collections.ConfigDict(dict(source="shapes", split="train", num_examples=64,
-                                            render_size=c.model.vision.image_size))
+    c.data = ml_collections.ConfigDict({"source": "shapes", "split": "train", "num_examples": 64,
+                                        "render_size": c.model.vision.image_size})
     c.zeroshot_shapes, c.fewshot_shapes, c.export_openai = None, None, False
     c.update(fields)
     return c
-
-
-def _export(config, path, seed):
-    """A random CLIP of `config.model`'s shapes, written in OpenAI format."""
-    cfg = model_config(config.model)
-    variables = nn.meta.unbox(CLIP(cfg).init(jax.random.key(seed), *dummy_inputs(cfg)))
-    return weights.save_openai_state_dict(jax.device_get(variables), cfg, path)
 
 
 def _trainer(config, workdir):
@@ -57,36 +63,54 @@ def _leaves(tree):
 
 
 def _size(tree):
-    return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
+    """Elements in a tree of arrays or shapes (`jax.eval_shape`)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def test_init_from_openai_export_starts_at_its_logits_sharded_and_resume_wins(tmp_path):
-    config = _config(init_from=str(_export(_config(), tmp_path / "start.pt", seed=1)))
-    config.trainer.mesh = "fsdp"  # scan_layers=True (the smoke default): the stack is built from per-layer weights
+@pytest.fixture(scope="module")
+def smoke_export(tmp_path_factory):
+    """The first documented command's export (`clip_lit_smoke.py`): a smoke run that writes OpenAI-format
+    weights. Every init_from test starts from this file."""
+    workdir = tmp_path_factory.mktemp("clip_smoke")
+    run(_config(export_openai=True), workdir)
+    return workdir / EXPORT_FILE
+
+
+def test_init_from_at_another_size_starts_at_its_logits_sharded_and_resume_wins(tmp_path, smoke_export):
+    config = _config(init_from=str(smoke_export))  # scan_layers=True: the stack is built from per-layer weights
+    config.model.vision.image_size, config.model.text.context_length = 24, 8  # 16px (2x2 patches) -> 3x3; 16 -> 8
     task, trainer = _trainer(config, tmp_path / "run")
-    bundle = clip_jax.load(config.init_from, **HEADS)
+    source = clip_jax.load(smoke_export, **HEADS).params
+    bundle = clip_jax.load(smoke_export, image_size=24, context_length=8, **HEADS)
     want = _leaves(convert.to_scanned(bundle.variables)["params"])
     got = _leaves(trainer.state.params)
     assert got.keys() == want.keys()
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+    np.testing.assert_array_equal(got["visual/positional_embedding"],
+                                  resize.resize_position_grid(source["visual"]["positional_embedding"], 3))
+    np.testing.assert_array_equal(got["text/positional_embedding"], source["text"]["positional_embedding"][:8])
     kernel = trainer.state.params["text"]["token_embedding"]["embedding"]  # (vocab, embed): split, not copied
     assert kernel.sharding == trainer.state_shardings.params["text"]["token_embedding"]["embedding"]
     assert kernel.addressable_shards[0].data.size < kernel.size, kernel.sharding
 
-    batch = next(make_pipeline(config.data, global_batch_size=8, image_size=16, context_length=16, seed=0))
-    images, texts = bundle.encode_image(batch["image"]), bundle.encode_text(batch["text"])
-    want_loss, _ = losses.contrastive_loss("softmax", images, texts, bundle.params["logit_scale"])
+    batch = next(make_pipeline(config.data, global_batch_size=8, image_size=24, context_length=8, seed=0))
+    assert batch["image"].shape == (8, 24, 24, 3) and batch["text"].shape == (8, 8)  # the tokenizer follows
+    logits_per_image, logits_per_text = bundle.logits(batch["image"], batch["text"])
     logits = jax.jit(task.model.apply)({"params": trainer.state.params}, batch["image"], batch["text"])[0]
-    np.testing.assert_allclose(logits, bundle.logits(batch["image"], batch["text"])[0], rtol=1e-5, atol=1e-5)
-    # The first train step's loss (the trainer's pipeline gives it this batch).
+    np.testing.assert_allclose(logits, logits_per_image, rtol=1e-5, atol=1e-5)
+    # The first train step's loss (the trainer's pipeline gives it this batch): CLIP's symmetric cross-entropy
+    # (Radford et al. 2021, figure 3) of the loaded model's logits.
+    labels = np.arange(8)
+    want_loss = (optax.softmax_cross_entropy_with_integer_labels(logits_per_image, labels).mean()
+                 + optax.softmax_cross_entropy_with_integer_labels(logits_per_text, labels).mean()) / 2
     loss = jax.jit(task.loss)(trainer.state.params, {}, batch, jax.random.key(0), 0)[0]
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
 
-    # A run with a checkpoint resumes it; init_from (another file here) is for fresh runs only.
+    # A run with a checkpoint resumes it; init_from is for fresh runs only (a missing file here is never read).
     trainer.save(None, force=True)
     trainer.close()
-    config.init_from = str(_export(_config(), tmp_path / "other.pt", seed=2))
+    config.init_from = str(tmp_path / "missing.safetensors")
     _, again = _trainer(config, tmp_path / "run")
     assert again.restore_if_any(None) == 0
     for name, value in _leaves(again.state.params).items():
@@ -94,44 +118,29 @@ def test_init_from_openai_export_starts_at_its_logits_sharded_and_resume_wins(tm
     again.close()
 
 
-def test_init_from_one_tower_leaves_the_other_at_its_fresh_init(tmp_path, tower="image"):
-    config = _config(init_from=str(_export(_config(), tmp_path / "start.pt", seed=1)), init_from_tower=tower,
-                     scan_layers=False)
-    _, trainer = _trainer(config, tmp_path / "run")
-    _, fresh = _trainer(_config(scan_layers=False), tmp_path / "fresh")
-    loaded = _leaves(clip_jax.load(config.init_from, **HEADS).params)
-    root = {"image": "visual/", "text": "text/"}[tower]
-    fresh_leaves = _leaves(fresh.state.params)
-    for name, value in _leaves(trainer.state.params).items():
-        np.testing.assert_array_equal(value, loaded[name] if name.startswith(root) else fresh_leaves[name], err_msg=name)
-    trainer.close()
-    fresh.close()
-
-
-def test_init_from_at_another_image_size_and_context_length(tmp_path):
-    path = _export(_config(), tmp_path / "start.pt", seed=1)  # 16px (2x2 patches), 16 tokens
-    config = _config(init_from=str(path))
-    config.model.vision.image_size, config.model.text.context_length = 24, 8  # 3x3 patches, 8 tokens
-    task, trainer = _trainer(config, tmp_path / "run")
-    source = clip_jax.load(path, **HEADS).params
-    params = jax.device_get(trainer.state.params)
-    np.testing.assert_array_equal(params["visual"]["positional_embedding"],
-                                  resize.resize_position_grid(source["visual"]["positional_embedding"], 3))
-    np.testing.assert_array_equal(params["text"]["positional_embedding"], source["text"]["positional_embedding"][:8])
-    data = make_pipeline(config.data, global_batch_size=8, image_size=24, context_length=8, seed=0)
-    batch = next(data)
-    assert batch["image"].shape == (8, 24, 24, 3) and batch["text"].shape == (8, 8)  # the tokenizer follows
-    logits = task.model.apply({"params": params}, batch["image"], batch["text"])[0]
-    assert logits.shape == (8, 8) and np.isfinite(logits).all()
-    trainer.close()
-
-
-def test_init_from_a_checkpoint_of_another_architecture_is_refused(tmp_path):
-    path = _export(_config(), tmp_path / "start.pt", seed=1)
-    config = _config(init_from=str(path))
+def test_init_from_a_checkpoint_of_another_architecture_is_refused(smoke_export):
+    config = _config()
     config.model.text.layers = 3
     with pytest.raises(ValueError, match="does not fit the configured model"):
-        _trainer(config, tmp_path / "run")
+        finetune.load_pretrained(str(smoke_export), model_config(config.model))
+
+
+def test_load_at_another_image_size_and_context_length(smoke_export):
+    plain = clip_jax.load(smoke_export, **HEADS)  # 16px, 16 tokens
+    same = clip_jax.load(smoke_export, image_size=16, context_length=16, **HEADS)
+    assert same.config == plain.config
+    for name, value in _leaves(plain.variables).items():
+        np.testing.assert_array_equal(_leaves(same.variables)[name], value, err_msg=name)
+    bundle = clip_jax.load(smoke_export, image_size=32, context_length=24, **HEADS)  # 4x4 patches; longer text
+    assert (bundle.image_size, bundle.context_length) == (32, 24)
+    assert bundle.config.vision == dataclasses.replace(plain.config.vision, image_size=32)
+    np.testing.assert_array_equal(bundle.params["visual"]["positional_embedding"],
+                                  resize.resize_position_grid(plain.params["visual"]["positional_embedding"], 4))
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    features = [bundle.encode_image(images), bundle.encode_text(bundle.tokenize(["a red circle", "a blue square"]))]
+    assert [f.shape for f in features] == [(2, 32), (2, 32)] and all(np.isfinite(f).all() for f in features)
+    with pytest.raises(ValueError, match="divisible by patch_size"):  # a variant is built at the size asked for
+        clip_jax.load("ViT-B/32", image_size=100)
 
 
 # -- resizing -------------------------------------------------------------------------------------
@@ -161,15 +170,6 @@ def test_resize_text_positions_truncates_or_matches_torch_linear():
     np.testing.assert_allclose(resize.resize_text_positions(posemb, 40), want[0].T.numpy(), atol=1e-5)
 
 
-def test_load_variables_at_a_new_resolution_runs(tmp_path):
-    path = _export(_config(), tmp_path / "start.safetensors", seed=1)
-    cfg, variables, _ = weights.load_variables(path, image_size=32, context_length=24, **HEADS)
-    assert (cfg.vision.image_size, cfg.text.context_length) == (32, 24)
-    images, texts = dummy_inputs(cfg, batch=2)
-    logits = CLIP(cfg).apply(variables, images, texts.at[:, 3].set(49407))[0]
-    assert logits.shape == (2, 2) and np.isfinite(logits).all()
-
-
 # -- locks (LiT) ----------------------------------------------------------------------------------
 
 
@@ -191,35 +191,72 @@ def test_lit_lock_groups_follow_open_clip():
                                                       "visual/layer2_0", "visual/layer3_0", "visual/layer4_0")
 
 
-@pytest.mark.parametrize("scan_layers, unlocked", [(True, 0), (False, 2)])
-def test_lit_frozen_parameters_get_no_state_and_never_change(tmp_path, scan_layers, unlocked):
-    config = _config(lock_image=True, lock_image_unlocked_groups=unlocked, lock_text=not scan_layers,
-                     lock_text_unlocked_layers=3 if not scan_layers else 0,  # text: all but its stem trains
-                     scan_layers=scan_layers)
-    task, trainer = _trainer(config, tmp_path / "locked")
-    _, unlocked_trainer = _trainer(_config(scan_layers=scan_layers), tmp_path / "free")
+def _assert_frozen_get_no_optimizer_state(config, task, trainer):
+    """{parameter: frozen?}, after checking that AdamW keeps two moments per trained parameter and none
+    for frozen ones (the state of an optimizer with nothing frozen, as shapes, is the reference)."""
     frozen = _leaves(frozen_mask(trainer.state.params, task.frozen))
     frozen_count = sum(_size(v) for name, v in _leaves(trainer.state.params).items() if frozen[name])
-    # AdamW keeps two moments per trained parameter; frozen ones have none.
-    assert _size(unlocked_trainer.state.opt_state) - _size(trainer.state.opt_state) == 2 * frozen_count
-    unlocked_trainer.close()
+    free = jax.eval_shape(make_optimizer(config.optim.to_dict()).init, trainer.state.params)
+    assert _size(free) - _size(trainer.state.opt_state) == 2 * frozen_count > 0
+    return frozen
 
+
+def test_lit_from_one_tower_with_partial_locks(tmp_path, smoke_export):
+    """The image tower from a checkpoint, the text tower at its fresh init; the last 2 groups of the image
+    tower and all but the text stem train (partial locks: scan_layers=False)."""
+    locks = {"scan_layers": False, "lock_image": True, "lock_image_unlocked_groups": 2, "lock_text": True,
+             "lock_text_unlocked_layers": 3}
+    config = _config(init_from=str(smoke_export), init_from_tower="image", **locks)
+    task, trainer = _trainer(config, tmp_path / "locked")
+    _, fresh = _trainer(_config(**locks), tmp_path / "fresh")  # no checkpoint: the same programs, cached
+    loaded = _leaves(clip_jax.load(smoke_export, **HEADS).params)
+    fresh_leaves = _leaves(fresh.state.params)
     before = _leaves(trainer.state.params)
+    for name, value in before.items():
+        np.testing.assert_array_equal(value, loaded[name] if name.startswith("visual/") else fresh_leaves[name],
+                                      err_msg=name)
+    fresh.close()
+    frozen = _assert_frozen_get_no_optimizer_state(config, task, trainer)
+
     data = make_pipeline(config.data, global_batch_size=8, image_size=16, context_length=16, seed=0)
     after = _leaves(trainer.fit(data).state.params)
     trainer.close()
     for name, value in before.items():
         if frozen[name]:
             np.testing.assert_array_equal(after[name], value, err_msg=name)
-    trained = ["logit_scale", "text/ln_final/scale"] + (["visual/proj", "visual/ln_post/scale", "text/transformer/resblocks_0/mlp/c_fc/kernel",
-                                                         "visual/transformer/resblocks_1/mlp/c_fc/kernel"] if unlocked else [])
-    for name in trained:
+    for name in ("logit_scale", "text/ln_final/scale", "visual/proj", "visual/ln_post/scale",
+                 "text/transformer/resblocks_0/mlp/c_fc/kernel", "visual/transformer/resblocks_1/mlp/c_fc/kernel"):
         assert not np.array_equal(after[name], before[name]), name
-    assert frozen["visual/conv1/kernel"] and frozen["text/token_embedding/embedding"] == (not scan_layers)
+    assert frozen["visual/conv1/kernel"] and frozen["text/token_embedding/embedding"]
+
+
+def test_lit_smoke_recipe_starts_from_the_smoke_export_and_never_changes_its_image_tower(tmp_path, smoke_export):
+    """The second documented command: LiT from the smoke export's image tower, locked whole (a scanned stack)."""
+    source = _config()
+    lit = clip_lit_smoke.get_config(str(smoke_export))
+    assert lit.lock_image and lit.init_from_tower == "image"
+    lit.model, lit.data, lit.zeroshot_shapes, lit.fewshot_shapes = source.model, source.data, None, None
+    lit.trainer.update(total_steps=2, global_batch_size=8, log_every=1, checkpoint_every=2, progress=False)
+    lit.export_openai = True  # the trained weights, to compare with the start
+    task, trainer = _trainer(lit, tmp_path / "lit")  # the run's own start: the same seed and checkpoint
+    before = _leaves(trainer.state.params)
+    frozen = _assert_frozen_get_no_optimizer_state(lit, task, trainer)
+    assert frozen["visual/conv1/kernel"] and not frozen["text/token_embedding/embedding"]
+    trainer.close()
+
+    summary = run(lit, tmp_path / "lit")
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    after = _leaves(clip_jax.load(tmp_path / "lit" / EXPORT_FILE, **HEADS).params)
+    for name, value in _leaves(clip_jax.load(smoke_export, **HEADS).params).items():
+        if name.startswith("visual/"):  # frozen: still the export's, every block of the stack
+            np.testing.assert_array_equal(after[name], value, err_msg=name)
+    for name in ("logit_scale", "text/ln_final/scale"):
+        assert not np.array_equal(after[name], before[name]), name
 
 
 def test_lit_locked_resnet_keeps_its_batchnorm_statistics(tmp_path):
     config = _config(clip_rn50.get_config, lock_image=True)
+    config.model.text.layers = 1
     task, trainer = _trainer(config, tmp_path / "run")
     assert not task.train_batchnorm
     before = _leaves({"params": trainer.state.params["visual"], **trainer.state.model_state})
@@ -230,18 +267,6 @@ def test_lit_locked_resnet_keeps_its_batchnorm_statistics(tmp_path):
     assert any(name.startswith("batch_stats/") for name in before)
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
-
-
-def test_lit_smoke_recipe_starts_from_the_smoke_export(tmp_path):
-    """The two documented commands: a smoke run that exports, then LiT from its image tower."""
-    source = _config(export_openai=True)
-    run(source, tmp_path / "clip_smoke")
-    lit = clip_lit_smoke.get_config(str(tmp_path / "clip_smoke" / "clip_openai.safetensors"))
-    lit.model, lit.data, lit.zeroshot_shapes, lit.fewshot_shapes = source.model, source.data, None, None
-    lit.trainer.update(total_steps=2, global_batch_size=8, log_every=1, checkpoint_every=2, progress=False)
-    summary = run(lit, tmp_path / "lit")
-    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
-    assert lit.lock_image and lit.init_from_tower == "image"
 
 
 def test_context_length_is_configurable_at_full_scale():
