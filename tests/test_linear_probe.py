@@ -75,7 +75,7 @@ def test_linear_probe_logistic_probe_sweeps_then_refits_on_train_and_val():
 
 def _numpy_ridge_accuracy(x, y, test_x, test_y, classes, l2):
     mean, std = x.mean(0), x.std(0) + 1e-5
-    design = lambda v: np.hstack([(v - mean) / std, np.full((len(v), 1), 100.0)])  # noqa: E731
+    design = lambda v: np.hstack([(v - mean) / std, np.full((len(v), 1), 100.0)])
     a = design(x.astype(np.float64))
     w = np.linalg.inv(a.T @ a + l2 * np.eye(a.shape[1])) @ a.T @ (2 * np.eye(classes)[y] - 1)
     return np.mean(np.argmax(design(test_x.astype(np.float64)) @ w, 1) == test_y)
@@ -103,18 +103,20 @@ def test_linear_probe_fewshot_samples_k_per_class_with_a_fixed_seed():
     assert set(accs) == {"1shot", "10shot"} and accs["1shot"] == pytest.approx(np.mean(one), abs=0.02)
 
 
-def _tiny_bundle():
+@pytest.fixture(scope="module")
+def tiny_bundle():
+    """A random tiny CLIP, shared by the tests that encode images (its programs compile once)."""
     model = CLIP(TINY)
     variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *dummy_inputs(TINY)))
     return CLIPBundle(model, variables, TINY, "random-init")
 
 
-def test_linear_probe_fewshot_evaluator_on_sharded_parameters(n_devices):
+def test_linear_probe_fewshot_evaluator_on_sharded_parameters(n_devices, tiny_bundle):
     mesh = sharding.make_mesh("fsdp")
-    bundle = _tiny_bundle()
-    variables, _ = sharding.init_sharded(lambda rng: bundle.model.init(rng, *dummy_inputs(TINY)), jax.random.key(0),
-                                         mesh=mesh)  # the same values as the bundle's, FSDP-sharded
-    params = nn.meta.unbox(variables)["params"]
+    bundle = tiny_bundle
+    shardings = sharding.logical_to_shardings(
+        jax.eval_shape(bundle.model.init, jax.random.key(0), *dummy_inputs(TINY)), mesh)
+    params = jax.device_put(bundle.params, shardings["params"])  # the bundle's values, FSDP-sharded
     assert not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8)
@@ -130,8 +132,8 @@ def test_linear_probe_fewshot_evaluator_on_sharded_parameters(n_devices):
     assert set(result) == {"1shot", "5shot"} and result["5shot"] == pytest.approx(want, abs=1 / 16 + 1e-6)
 
 
-def test_linear_probe_cli_on_shapes_writes_json(tmp_path, monkeypatch, n_devices):
-    monkeypatch.setattr(clip_jax, "load", lambda name: _tiny_bundle())
+def test_linear_probe_cli_on_shapes_writes_json(tmp_path, monkeypatch, n_devices, tiny_bundle):
+    monkeypatch.setattr(clip_jax, "load", lambda name: tiny_bundle)
     out = tmp_path / "probe.json"
     returned = linear_probe.main(["--weights", "tiny.ckpt", "--dataset", "shapes", "--label", "color",
                                   "--num-examples", "64", "--test-examples", "32", "--shots", "1,2",
