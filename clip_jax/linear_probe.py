@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,11 +51,17 @@ from clip_jax import eval_data, zeroshot
 from clip_jax.api import CLIPBundle
 from clip_jax.model import CLIP, normalize
 from clip_jax.variants import CLIPConfig
-from common.cli import output_file, positive_int, positive_ints
+from common.cli import output_file, positive_int, positive_ints, report_results
 from common.data import shapes
 from common.data.sources import DatasetNotFoundError, ShapesSource
 from common.metrics import configure_logging
-from common.sharding import ShardingError, check_batch_divisible, initialize_distributed, make_mesh, replicated
+from common.sharding import (
+    ShardingError,
+    check_batch_divisible,
+    initialize_distributed,
+    make_mesh,
+    replicated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -338,14 +343,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "logistic_regression": {"C": probe["C"], "test_top1": probe["test_top1"]},
                "fewshot_ridge": {"l2_reg": FEWSHOT_L2_REG, "num_seeds": FEWSHOT_SEEDS, **fewshot},
                "sweep": probe["sweep"], "time": round(time.time() - started, 2)}
-    if jax.process_index() == 0:
-        print(f"{results['dataset']} {results['test_split']}: linear probe top-1 "
-              f"{100 * probe['test_top1']:.2f}% (C={probe['C']:.3g}); few-shot "
-              + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fewshot.items()))
-        print(json.dumps(results, indent=2))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+    headline = (f"{results['dataset']} {results['test_split']}: linear probe top-1 {100 * probe['test_top1']:.2f}% "
+                f"(C={probe['C']:.3g}); few-shot " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fewshot.items()))
+    report_results(results, headline, args.out)
     return results
 
 

@@ -40,11 +40,17 @@ from tqdm import tqdm
 import clip_jax
 from clip_jax.model import normalize
 from clip_jax.zeroshot import embed_rows, encode_image_batch, image_batches
-from common.cli import output_file, positive_int, positive_ints
+from common.cli import output_file, positive_int, positive_ints, report_results
 from common.data.sources import ListSource
 from common.data.transforms import ClipTextTokenizer
 from common.metrics import configure_logging
-from common.sharding import ShardingError, check_batch_divisible, initialize_distributed, make_mesh, replicated
+from common.sharding import (
+    ShardingError,
+    check_batch_divisible,
+    initialize_distributed,
+    make_mesh,
+    replicated,
+)
 from common.tokenizers.clip_bpe import default_tokenizer
 
 log = logging.getLogger(__name__)
@@ -223,12 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "images_root": args.images_root, "n_images": int(decoded.sum()), "n_captions": int(kept_captions.sum()),
                "skipped": int((~decoded).sum()), "truncated_captions": int(truncated[kept_captions].sum()), **metrics,
                "time": round(time.time() - started, 2)}
-    if jax.process_index() == 0:
-        print("  ".join(f"{name} {100 * value:.2f}%" for name, value in metrics.items()))
-        print(json.dumps(results, indent=2))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+    report_results(results, "  ".join(f"{name} {100 * value:.2f}%" for name, value in metrics.items()), args.out)
     return results
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import math
 import time
@@ -45,13 +44,21 @@ from tqdm import tqdm
 import clip_jax
 from clip_jax import eval_data
 from clip_jax.model import normalize
+from common.cli import output_file, positive_int, report_results
 from common.data.pipeline import RecordIterator, make_pipeline
 from common.data.sources import DatasetNotFoundError
-from common.cli import output_file, positive_int
 from common.data.transforms import CenterCrop, DecodeImage, Select
 from common.metrics import configure_logging
-from common.sharding import (ShardingError, batch_axis_size, batch_sharding, check_batch_divisible,
-                             initialize_distributed, make_mesh, replicated, shard_batch)
+from common.sharding import (
+    ShardingError,
+    batch_axis_size,
+    batch_sharding,
+    check_batch_divisible,
+    initialize_distributed,
+    make_mesh,
+    replicated,
+    shard_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -282,13 +289,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "templates": args.templates, "num_templates": len(templates), "num_classes": len(eval_set.classnames),
                **{k: metrics[k] for k in ("top1", "top5", "n", "correct", "skipped")},
                "time": round(time.time() - started, 2)}
-    if jax.process_index() == 0:
-        print(f"{eval_set.name} {eval_set.split}: top-1 {100 * results['top1']:.2f}%  "
-              f"top-5 {100 * results['top5']:.2f}%  ({results['n']} images, {results['skipped']} skipped)")
-        print(json.dumps(results, indent=2))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+    headline = (f"{eval_set.name} {eval_set.split}: top-1 {100 * results['top1']:.2f}%  "
+                f"top-5 {100 * results['top5']:.2f}%  ({results['n']} images, {results['skipped']} skipped)")
+    report_results(results, headline, args.out)
     return results
 
 

@@ -3,6 +3,8 @@
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--ks", type=positive_ints, default="1,5,10")
     parser.add_argument("--out", type=output_file)
+    ...
+    report_results(results, headline, args.out)   # the evaluation CLIs' common ending
 
 argparse turns the `ArgumentTypeError` these raise into its usage message and
 exit status 2, so a typo costs nothing instead of failing after hours of
@@ -12,7 +14,11 @@ embedding.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from typing import Any
+
+import jax
 
 
 def positive_int(text: str) -> int:
@@ -53,3 +59,14 @@ def output_dir(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory; expected a directory to write "
                                          "shards into (existing or new)")
     return text
+
+
+def report_results(results: dict[str, Any], headline: str, out: str | None) -> None:
+    """On process 0 only: prints `headline` and `results` as JSON, and writes that JSON to `out` if given."""
+    if jax.process_index() != 0:
+        return
+    print(headline)
+    print(json.dumps(results, indent=2))
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
