@@ -51,15 +51,16 @@ from clip_jax import eval_data, zeroshot
 from clip_jax.api import CLIPBundle
 from clip_jax.model import CLIP, normalize
 from clip_jax.variants import CLIPConfig
-from common.cli import output_file, positive_int, positive_ints, report_results
+from common.cli import (
+    output_file,
+    positive_int,
+    positive_ints,
+    report_results,
+    start_data_parallel,
+)
 from common.data import shapes
 from common.data.sources import DatasetNotFoundError, ShapesSource
-from common.metrics import configure_logging
 from common.sharding import (
-    ShardingError,
-    check_batch_divisible,
-    initialize_distributed,
-    make_mesh,
     replicated,
 )
 
@@ -311,13 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error("--dataset folder needs --train-folder DIR and --test-folder DIR")
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction: expected a fraction in (0, 1), found {args.val_fraction}")
-    configure_logging()
-    initialize_distributed()
-    mesh = make_mesh("data_parallel")
-    try:
-        check_batch_divisible(args.batch_size, mesh)
-    except ShardingError as err:
-        parser.error(f"--batch-size: {err}")
+    mesh = start_data_parallel(parser, args.batch_size)
     started = time.time()
     bundle = clip_jax.load(args.weights or args.model)
     try:

@@ -40,14 +40,17 @@ from tqdm import tqdm
 import clip_jax
 from clip_jax.model import normalize
 from clip_jax.zeroshot import embed_rows, encode_image_batch, image_batches
-from common.cli import output_file, positive_int, positive_ints, report_results
+from common.cli import (
+    output_file,
+    positive_int,
+    positive_ints,
+    report_results,
+    start_data_parallel,
+)
 from common.data.sources import ListSource
 from common.data.transforms import ClipTextTokenizer
-from common.metrics import configure_logging
 from common.sharding import (
-    ShardingError,
     check_batch_divisible,
-    initialize_distributed,
     make_mesh,
     replicated,
 )
@@ -202,13 +205,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = _parser()
     args = parser.parse_args(argv)
-    configure_logging()
-    initialize_distributed()
-    mesh = make_mesh("data_parallel")
-    try:
-        check_batch_divisible(args.batch_size, mesh)
-    except ShardingError as err:
-        parser.error(f"--batch-size: {err}")
+    mesh = start_data_parallel(parser, args.batch_size)
     started = time.time()
     data = read_captions(args.captions, args.images_root)
     bundle = clip_jax.load(args.weights or args.model)

@@ -44,17 +44,13 @@ from tqdm import tqdm
 import clip_jax
 from clip_jax import eval_data
 from clip_jax.model import normalize
-from common.cli import output_file, positive_int, report_results
+from common.cli import output_file, positive_int, report_results, start_data_parallel
 from common.data.pipeline import RecordIterator, make_pipeline
 from common.data.sources import DatasetNotFoundError
 from common.data.transforms import CenterCrop, DecodeImage, Select
-from common.metrics import configure_logging
 from common.sharding import (
-    ShardingError,
     batch_axis_size,
     batch_sharding,
-    check_batch_divisible,
-    initialize_distributed,
     make_mesh,
     replicated,
     shard_batch,
@@ -260,13 +256,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.dataset == "folder" and not args.image_folder:
         parser.error("--dataset folder needs --image-folder DIR")
-    configure_logging()
-    initialize_distributed()
-    mesh = make_mesh("data_parallel")
-    try:
-        check_batch_divisible(args.batch_size, mesh)
-    except ShardingError as err:
-        parser.error(f"--batch-size: {err}")
+    mesh = start_data_parallel(parser, args.batch_size)
     started = time.time()
     try:
         if args.dataset == "folder":

@@ -4,7 +4,8 @@
     parser.add_argument("--ks", type=positive_ints, default="1,5,10")
     parser.add_argument("--out", type=output_file)
     ...
-    report_results(results, headline, args.out)   # the evaluation CLIs' common ending
+    mesh = start_data_parallel(parser, args.batch_size)   # the evaluation CLIs' common start
+    report_results(results, headline, args.out)           # and ending
 
 argparse turns the `ArgumentTypeError` these raise into its usage message and
 exit status 2, so a typo costs nothing instead of failing after hours of
@@ -19,6 +20,9 @@ import os
 from typing import Any
 
 import jax
+
+from common.metrics import configure_logging
+from common.sharding import ShardingError, check_batch_divisible, initialize_distributed, make_mesh
 
 
 def positive_int(text: str) -> int:
@@ -70,3 +74,16 @@ def report_results(results: dict[str, Any], headline: str, out: str | None) -> N
     if out:
         with open(out, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def start_data_parallel(parser: argparse.ArgumentParser, batch_size: int) -> jax.sharding.Mesh:
+    """A command line's start on every host: logging, the multi-host cluster (when the runtime describes
+    one), a data-parallel mesh over all devices; a `batch_size` it does not divide is a usage error."""
+    configure_logging()
+    initialize_distributed()
+    mesh = make_mesh("data_parallel")
+    try:
+        check_batch_divisible(batch_size, mesh)
+    except ShardingError as err:
+        parser.error(f"--batch-size: {err}")
+    return mesh

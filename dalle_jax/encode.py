@@ -26,12 +26,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from common import sharding
-from common.cli import output_dir, positive_int
+from common.cli import output_dir, positive_int, start_data_parallel
 from common.data.pipeline import make_pipeline
 from common.data.sources import ImageFolderSource, TarShardSource
 from common.data.transforms import CenterCrop, DecodeImage, Select, SkipRecord, field_value
 from common.data.writers import write_array_records
-from common.metrics import configure_logging, progress_bar
+from common.metrics import progress_bar
 from dalle_jax.api import encode_to_codes, load_dvae
 
 EncodeFn = Callable[[jax.Array], jax.Array]  # uint8 (B, S, S, 3) -> int (B, h, w), jittable
@@ -95,13 +95,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument("--batch-size", type=positive_int, default=64, help="global batch size")
     parser.add_argument("--records-per-shard", type=positive_int, default=10_000)
     args = parser.parse_args(argv)
-    configure_logging()
-    sharding.initialize_distributed()
-    mesh = sharding.make_mesh("data_parallel")
-    try:
-        sharding.check_batch_divisible(args.batch_size, mesh)
-    except sharding.ShardingError as err:
-        parser.error(f"--batch-size: {err}")
+    mesh = start_data_parallel(parser, args.batch_size)
     dvae = load_dvae(args.encoder, None, trust_pickle=args.trust_pickle)
     source = TarShardSource(args.shards) if args.shards else ImageFolderSource(args.images)
     return write_code_shards(source, dvae_encoder(dvae.encoder_params, dvae.config), args.out,
