@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from clip_jax import text, weights
+from clip_jax import resize, text, weights
 from clip_jax.model import CLIP, dummy_inputs
 from clip_jax.variants import CLIPConfig, decode_variant, known_variants
 from common.images import clip_preprocess
@@ -123,13 +123,6 @@ def _cast(variables: dict, dtype) -> dict:
                         variables)
 
 
-def _resized_config(cfg: CLIPConfig, *, image_size: int | None, context_length: int | None) -> CLIPConfig:
-    """`cfg` at another image size and/or context length; None keeps its own (VisionConfig checks the size)."""
-    vision = cfg.vision if image_size is None else dataclasses.replace(cfg.vision, image_size=image_size)
-    text = cfg.text if context_length is None else dataclasses.replace(cfg.text, context_length=context_length)
-    return dataclasses.replace(cfg, vision=vision, text=text)
-
-
 def load(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32, seed: int = 0,
          act: str | None = None, vision_heads: int | None = None, text_heads: int | None = None,
          trust_torchscript: bool = False, image_size: int | None = None,
@@ -154,7 +147,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any
                                           ("trust_torchscript", trust_torchscript or None)) if v is not None]
         if checkpoint_only:
             raise TypeError(f"{checkpoint_only} only apply when loading a checkpoint, not the named variant {name!r}.")
-        cfg = _resized_config(decode_variant(name), image_size=image_size, context_length=context_length)
+        cfg = resize.resized_config(decode_variant(name), image_size=image_size, context_length=context_length)
         model = CLIP(cfg, dtype=dtype, param_dtype=param_dtype)
         variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), *dummy_inputs(cfg)))
         return CLIPBundle(model, variables, cfg, "random-init")

@@ -84,6 +84,13 @@ def resize_text_positions(posemb: np.ndarray, context_length: int) -> np.ndarray
     return (w @ posemb.astype(np.float64)).astype(posemb.dtype)
 
 
+def resized_config(cfg: CLIPConfig, *, image_size: int | None = None, context_length: int | None = None) -> CLIPConfig:
+    """`cfg` at another image size and/or context length; None keeps its own."""
+    vision = cfg.vision if image_size is None else dataclasses.replace(cfg.vision, image_size=image_size)
+    text = cfg.text if context_length is None else dataclasses.replace(cfg.text, context_length=context_length)
+    return dataclasses.replace(cfg, vision=vision, text=text)
+
+
 def resize_variables(variables: dict, cfg: CLIPConfig, *, image_size: int | None = None,
                      context_length: int | None = None) -> tuple[CLIPConfig, dict]:
     """(config, variables) of an unscanned CLIP (`clip_jax.convert` layout) at a new image size and/or
@@ -109,6 +116,4 @@ def resize_variables(variables: dict, cfg: CLIPConfig, *, image_size: int | None
     if context_length != text.context_length:
         params["text"] = dict(params["text"], positional_embedding=resize_text_positions(
             np.asarray(params["text"]["positional_embedding"]), context_length))
-    cfg = CLIPConfig(cfg.embed_dim, dataclasses.replace(vision, image_size=image_size),
-                     dataclasses.replace(text, context_length=context_length))
-    return cfg, {**variables, "params": params}
+    return resized_config(cfg, image_size=image_size, context_length=context_length), {**variables, "params": params}
