@@ -25,7 +25,7 @@ import regex
 
 from common.tokenizers import clip_bpe
 from common.tokenizers.clip_bpe import ClipTokenizer
-from experiments.bench.tokenizer_bench import load_openai_simple_tokenizer, openai_reference_tokenize
+from experiments.bench.tokenizer_bench import load_openai_simple_tokenizer, make_captions, openai_reference_tokenize
 
 OPENAI = load_openai_simple_tokenizer()  # the module clip/simple_tokenizer.py
 SPECIALS = ("<|startoftext|>", "<|endoftext|>")
@@ -192,6 +192,27 @@ def test_clean_text_matches_reference():
         assert clip_bpe.clean_text(text) == want, repr(text)
 
 
+def test_ascii_entity_path_equals_ftfy():
+    """ASCII text with HTML entities skips ftfy.fix_text: the shortcut must give ftfy's output, string for
+    string, on entity-laden text with newlines, carriage returns and '<' (which turns unescaping off)."""
+    rng = random.Random(5)
+    snippets = ("&amp;", "&amp;amp;", "&AMP;", "&lt;", "&gt;", "&quot;", "&#39;", "&#x27;", "&#X41;", "&amp",
+                "&#39", "&eacute;", "&EACUTE;", "&nbsp;", "&rsquo;", "&hellip;", "&#0;", "&#127;", "&#128512;",
+                "&#x110000;", "&unknown;", "&not", "&copy;", "&lt;b&gt;", "&#60;", "&#10;", "&#13;", "&#9;",
+                "&#38;", "&#38;amp;", "&", "&;", "&#;", "<", ">", "<b>", "\n", "\r", "\r\n", "\t", " ")
+    alphabet = "ab;#x09 &<\n"
+    texts = ["".join(rng.choice(snippets) if rng.random() < 0.5 else rng.choice(alphabet)
+                     for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    shortcut = 0
+    for text in texts:
+        fixed = clip_bpe._fix_ascii_text(text)
+        if fixed is not None:
+            assert fixed == ftfy.fix_text(text), repr(text)
+            shortcut += 1
+        assert clip_bpe.clean_text(text) == reference_clean(text), repr(text)
+    assert shortcut > 1500  # most of them take it; the rest decode to non-ASCII and go to ftfy
+
+
 def test_ascii_fast_path_skips_ftfy(reference, monkeypatch):
     rng = random.Random(11)
     alphabet = "\t\n\r" + "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "&")
@@ -237,6 +258,34 @@ def test_tokenize_truncate_matches_clip_tokenize(ours, reference, context_length
     assert got.dtype == np.int32 and got.shape == (len(TEXTS), context_length)
     np.testing.assert_array_equal(got, want)
     assert (got[:, -1][got[:, -1] != 0] == ours.eot_token_id).all()  # truncated rows end in <|endoftext|>
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_batch_path_matches_clip_tokenize(reference, monkeypatch, truncate):
+    """A batch without texts that spell a special token is split in one pass over the joined texts
+    (no per-text encoding at all), in any order and with repeats, with ids identical to OpenAI's."""
+    rng = random.Random(0)
+    texts = [t for (cat, t) in CASES if cat != "special_tokens" and "<|" not in t.lower()]
+    if not truncate:
+        texts = [t for t in texts if len(reference.encode(t)) + 2 <= 77]
+    texts = texts + rng.sample(texts, 200) + make_captions(500, seed=3)
+    rng.shuffle(texts)
+    want = openai_reference_tokenize(reference, texts, truncate=truncate)
+    fresh = ClipTokenizer()
+    monkeypatch.setattr(fresh, "_encode_tuple", lambda *a: pytest.fail("per-text path taken"))
+    np.testing.assert_array_equal(fresh.tokenize(texts, truncate=truncate), want)
+
+
+def test_batch_with_special_text_falls_back_exactly(ours, reference):
+    """A text spelling <|endoftext|> (in any case) cannot be told from the batch separator: its group is
+    encoded text by text; the other group keeps the one-pass path. Over-long texts fail as alone."""
+    texts = ["a dog", "x<|endoftext|>y", "café <|EndOfText|>", "naïve", "", "a dog", "<|startoftext|> hi",
+             "word " * 600]  # the last is over the one-pass length bound
+    np.testing.assert_array_equal(ours.tokenize(texts, truncate=True),
+                                  openai_reference_tokenize(reference, texts, truncate=True))
+    with pytest.raises(ValueError, match="602 tokens"):
+        ours.tokenize(texts)
+    assert ours.tokenize([]).shape == (0, 77)
 
 
 def test_too_long_raises_exactly_where_clip_tokenize_does(ours, reference, reference_ids):
