@@ -301,16 +301,27 @@ class ClipTokenizer:
             return np.zeros((0, context_length), dtype=np.int32)
         short = [t for t in distinct if len(t) <= _BATCH_MAX_CHARS]
         long = [t for t in distinct if len(t) > _BATCH_MAX_CHARS]
-        plain = [t for t in short if not _NEEDS_FULL_CLEAN.search(t)]
-        needs_clean = [t for t in short if _NEEDS_FULL_CLEAN.search(t)]
+        # Three groups, each split in one pass: plain ASCII texts (cleaning only lower-cases them as far
+        # as pieces go: pieces never hold whitespace), texts cleaned into plain ASCII, and the rest.
+        if _NEEDS_FULL_CLEAN.search(_BATCH_SEPARATOR.join(short)) is None:
+            plain, cleaned = short, []
+        else:
+            plain = [t for t in short if _NEEDS_FULL_CLEAN.search(t) is None]
+            cleaned = [(t, clean_text(t)) for t in short if _NEEDS_FULL_CLEAN.search(t) is not None]
+        ascii_cleaned = [(t, c) for t, c in cleaned if _NEEDS_FTFY.search(c) is None]
+        other = [(t, c) for t, c in cleaned if _NEEDS_FTFY.search(c) is not None]
+        groups = ((plain, lambda: _BATCH_SEPARATOR.join(plain).lower(), _ASCII_PIECE_PATTERN),
+                  ([t for t, _ in ascii_cleaned], lambda: _BATCH_SEPARATOR.join(c for _, c in ascii_cleaned),
+                   _ASCII_PIECE_PATTERN),
+                  ([t for t, _ in other], lambda: _BATCH_SEPARATOR.join(c for _, c in other), _PIECE_PATTERN))
         rows, order = [], []  # (N', L) blocks of rows and the texts they belong to
-        # Cleaning a plain text only lower-cases it as far as its pieces go (they never hold whitespace).
-        joins = (lambda: _BATCH_SEPARATOR.join(plain).lower(), lambda: _BATCH_SEPARATOR.join(map(clean_text, needs_clean)))
-        for group, pattern, join in zip((plain, needs_clean), (_ASCII_PIECE_PATTERN, _PIECE_PATTERN), joins):
-            block = self._tokenize_joined(group, join(), pattern, context_length, truncate) if group else None
-            if block is None and group:  # a text spells <|endoftext|>: every text of the group alone
+        for group, join, pattern in groups:
+            if not group:
+                continue
+            block = self._tokenize_joined(group, join(), pattern, context_length, truncate)
+            if block is None:  # a text spells <|endoftext|>: every text of the group alone
                 long += group
-            elif group:
+            else:
                 rows.append(block)
                 order += group
         if long:
