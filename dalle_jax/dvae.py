@@ -138,17 +138,32 @@ class ResidualBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, upsample: bool = False) -> jax.Array:
+        """`upsample`: the block of `upsample_nearest(x)`, computed with its leading 1x1 convs (and the
+        relu before them) at the resolution of `x`: they act per pixel, so they commute with
+        nearest-neighbour upsampling, at a quarter of the cost (the decoder's first block of a group)."""
+
         def conv(n_in, n_out, k, name):
             return Conv2d(n_in, n_out, k, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
+        if upsample and self.kernel_sizes[0] != 1:
+            raise ValueError(f"upsample needs a leading 1x1 conv, found kernel sizes {self.kernel_sizes}")
+        grow = upsample_nearest if upsample else (lambda a: a)
         identity = x if self.in_features == self.features else conv(self.in_features, self.features, 1, "id_path")(x)
         hid = self.features // 4
         widths = (self.in_features, hid, hid, hid, self.features)
         h = x
         for i, k in enumerate(self.kernel_sizes):
             h = conv(widths[i], widths[i + 1], k, f"conv_{i + 1}")(nn.relu(h))
-        return identity + (1.0 / self.n_layers**2) * h
+            if i == 0:
+                h = grow(h)
+        return grow(identity) + (1.0 / self.n_layers**2) * h
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, 2H, 2W, C), each pixel repeated 2x2 (torch `Upsample(scale_factor=2, mode="nearest")`)."""
+    b, h, w, c = x.shape
+    return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
 
 def _check_nhwc(x: jax.Array, channels: int, multiple: int, what: str) -> None:
@@ -225,9 +240,9 @@ class Decoder(nn.Module):
             out = cfg.n_hid * 2 ** (cfg.group_count - 1 - g)
             for b in range(cfg.n_blk_per_group):
                 block = ResidualBlock(width, out, cfg.n_layers, (1, 3, 3, 3), name=f"group_{g + 1}_block_{b + 1}", **kw)
-                x, width = block(x), out
-            if g < cfg.group_count - 1:
-                x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour 2x upsampling
+                # Every group but the first starts with the previous one's 2x nearest upsampling, which the
+                # block applies after its 1x1 convs (the same values, a quarter of their cost).
+                x, width = block(x, upsample=g > 0 and b == 0), out
         x = nn.relu(x)
         stats = Conv2d(width, 2 * cfg.channels, 1, name="output", **kw)(x)
         return stats.astype(jnp.float32)
