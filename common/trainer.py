@@ -167,8 +167,14 @@ def train_step(state: TrainState, batch: Batch, *, task: Task, tx: optax.Gradien
     (loss, (metrics, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+
+    def apply(params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # A bad step leaves params and optimizer moments untouched. A conditional (rather than selecting
+    # between old and new values) lets XLA update the donated buffers in place without copying them.
+    new_params, new_opt_state = jax.lax.cond(ok, apply, lambda p, o: (p, o), state.params, state.opt_state)
     if new_model_state is None:
         new_model_state = state.model_state
     # Under accumulation (optax.MultiSteps) most steps only add to the gradient sum.
@@ -182,8 +188,8 @@ def train_step(state: TrainState, batch: Batch, *, task: Task, tx: optax.Gradien
         step=state.step + 1,
         update=state.update + applied.astype(jnp.int32),
         ema_params=ema_params,
-        params=_where(ok, new_params, state.params),
-        opt_state=_where(ok, new_opt_state, state.opt_state),
+        params=new_params,
+        opt_state=new_opt_state,
         model_state=_where(ok, new_model_state, state.model_state),
         nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
         nonfinite_streak=streak,
