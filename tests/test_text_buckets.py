@@ -61,3 +61,12 @@ def test_logits_use_the_buckets_too(bundle):
     got = bundle.logits(images, tokens)[0]
     want = bundle.model.apply(bundle.variables, images, tokens)[0]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_host_weights_are_placed_on_the_device_once(bundle):
+    """A bundle built from numpy weights holds device arrays (otherwise every call copies them over)."""
+    host = jax.tree.map(np.asarray, bundle.variables)
+    placed = CLIPBundle(bundle.model, host, CFG, "random-init")
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(placed.variables))
+    tokens = placed.tokenize(CAPTIONS[:2])
+    np.testing.assert_array_equal(placed.encode_text(tokens), bundle.encode_text(tokens))
