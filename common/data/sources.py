@@ -20,8 +20,8 @@ a field it would not read (a tar member over `max_member_bytes`) is an
 Paths that lead outside a dataset's root (`..`, absolute paths, symlinks) are
 read, but logged once per source: a warning with their count and the first one.
 
-* `TarShardSource`: webdataset / img2dataset tar shards (`KEY.jpg|jpeg|png|webp`
-  with `KEY.txt` or `KEY.json` holding a "caption"), read by member offset.
+* `TarShardSource` (in `tar_shards.py`): webdataset / img2dataset tar shards
+  (`KEY.jpg|jpeg|png|webp` with `KEY.txt` or `KEY.json` holding a "caption"), read by member offset.
 * `ImageFolderSource`: image files with a captions file, or one sub-folder per class.
 * `TfdsSource`: a prepared tfds split, features mapped to record fields.
 * `ArrayRecordSource`: array_record shards of precomputed fields (`writers.write_array_records`).
@@ -32,263 +32,34 @@ read, but logged once per source: a warning with their count and the first one.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import dataclasses
-import glob
-import hashlib
-import io
 import json
 import logging
 import os
 import re
-import tarfile
 import threading
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, SupportsIndex
 
 import numpy as np
 import tensorflow_datasets as tfds
 from flax.serialization import msgpack_restore
-from tqdm import tqdm
 
 from common.data.shapes import ShapesConfig, ShapesDataset
+from common.data.source_utils import (  # noqa: F401
+    DatasetNotFoundError,
+    Record,
+    Unreadable,
+    caption_from_json,
+    check_index,
+    expand_paths,
+    warn_outside_root,
+)
+from common.data.tar_shards import TAR_IMAGE_EXTENSIONS, TarShardSource, index_tar_shard  # noqa: F401
 from common.images import MAX_IMAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-Record = dict[str, Any]
-# img2dataset's output formats; the first one present is a key's image.
-TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
-# webdataset's `base_plus_ext`: the key is the member path up to the first "." of its basename.
-_TAR_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_NO_CAPTION, _TXT_CAPTION, _JSON_CAPTION = 0, 1, 2
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The requested data is not where it was looked for."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Unreadable:
-    """A record field the source listed but would not read; transforms skip the record, counted by `reason`."""
-
-    reason: str
-    detail: str
-
-
-def _warn_outside_root(root: str, paths: Sequence[str], what: str) -> int:
-    """Logs once how many of `paths` resolve outside `root`, naming the first; returns that count.
-
-    A path leaves the root through "..", an absolute path, a symlinked
-    directory or a symlinked file. Each distinct directory is resolved once and
-    each file costs one lstat, so listing a large dataset stays cheap.
-    """
-    real_root = os.path.realpath(root)
-    real_dirs: dict[str, str] = {}
-    first, count = None, 0
-    for path in paths:
-        directory, name = os.path.split(path)
-        if directory not in real_dirs:
-            real_dirs[directory] = os.path.realpath(directory)
-        target = os.path.normpath(os.path.join(real_dirs[directory], name))
-        if os.path.islink(target):
-            target = os.path.realpath(target)
-        if os.path.commonpath([real_root, target]) != real_root:
-            first, count = first or (path, target), count + 1
-    if count:
-        log.warning("%d of the %d %s listed under %s resolve outside it (first: %s -> %s), through '..', an "
-                    "absolute path or a symlink. They are read anyway; if that is not intended, fix the listing or "
-                    "the links.", count, len(paths), what, root, first[0], first[1])
-    return count
-
-
-def _check_index(index: SupportsIndex, length: int) -> int:
-    i = int(index)
-    if not 0 <= i < length:
-        raise IndexError(f"Record index {i} is out of range for a source of {length} records.")
-    return i
-
-
-def _caption_from_json(raw: bytes, field: str) -> str | None:
-    try:
-        value = json.loads(raw.decode("utf-8")).get(field)
-    except (UnicodeDecodeError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
-
-
-def _expand_paths(spec: str | os.PathLike | Sequence[str | os.PathLike], ext: str, hint: str) -> list[str]:
-    """A directory (every `*{ext}` in it), a glob, one path or a list of paths -> existing files, sorted."""
-    if isinstance(spec, (str, os.PathLike)):
-        pattern = os.fspath(spec)
-        if os.path.isdir(pattern):
-            paths = sorted(glob.glob(os.path.join(pattern, f"*{ext}")))
-        else:
-            paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-    else:
-        paths = [os.fspath(p) for p in spec]
-    missing = [p for p in paths if not os.path.exists(p)]
-    special = [p for p in paths if os.path.exists(p) and not os.path.isfile(p)]
-    if not paths or missing or special:
-        found = ("none" if not paths else f"missing files {missing[:5]}" if missing else
-                 f"paths that are not regular files (FIFOs, devices, directories) {special[:5]}")
-        raise DatasetNotFoundError(
-            f"Expected {ext} files, found {found} for {spec!r}. Pass a directory of {ext} files, a glob such as "
-            f"'data/shard-*{ext}', or a list of paths ({hint}).")
-    if isinstance(spec, (str, os.PathLike)):  # a directory or glob: its directory is the dataset's root
-        root = pattern if os.path.isdir(pattern) else os.path.dirname(pattern)
-        while glob.has_magic(root):
-            root = os.path.dirname(root)
-        _warn_outside_root(root or os.curdir, paths, f"{ext} files")
-    return paths
-
-
-# --------------------------------------------------------------------------
-# webdataset / img2dataset tar shards
-# --------------------------------------------------------------------------
-
-
-def index_tar_shard(path: str) -> dict[str, np.ndarray]:
-    """The records of one uncompressed tar shard, from its member headers.
-
-    Returns {"keys": bytes (N,), "image": int64 (N, 2) [offset, size] (-1 when
-    the key has no image member), "caption": int64 (N, 2), "caption_kind":
-    int8 (N,) (0 none, 1 .txt, 2 .json)}, in member order. Keys with neither
-    an image nor a caption member (e.g. only `.npy`) are not records. A shard
-    whose headers break off part way keeps the records indexed before the
-    damage, with a warning.
-    """
-    entries: dict[str, list] = {}  # key -> [image ext, image, caption kind, caption]
-    try:
-        with tarfile.open(path, "r:") as tar:  # "r:": no compression, so member offsets are file offsets
-            for member in tar:  # reads headers only; member data is seeked over
-                match = _TAR_KEY.match(member.name)
-                if not member.isfile() or match is None:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                entry = entries.setdefault(key, [None, (-1, -1), _NO_CAPTION, (-1, -1)])
-                span = (member.offset_data, member.size)
-                if ext in TAR_IMAGE_EXTENSIONS and (
-                        entry[0] is None or TAR_IMAGE_EXTENSIONS.index(ext) < TAR_IMAGE_EXTENSIONS.index(entry[0])):
-                    entry[0], entry[1] = ext, span
-                elif ext == "txt" or (ext == "json" and entry[2] != _TXT_CAPTION):
-                    entry[2], entry[3] = (_TXT_CAPTION if ext == "txt" else _JSON_CAPTION), span
-    except tarfile.ReadError as err:
-        log.warning("Tar shard %s is damaged or not an uncompressed tar (%s); indexed the %d keys before "
-                    "the damage. Random access needs uncompressed .tar shards (gunzip .tar.gz ones).",
-                    path, err, len(entries))
-    records = [(k, e) for k, e in entries.items() if e[0] is not None or e[2] != _NO_CAPTION]
-    return {
-        "keys": np.array([k.encode("utf-8") for k, _ in records], dtype="S"),
-        "image": np.array([e[1] for _, e in records], np.int64).reshape(-1, 2),
-        "caption": np.array([e[3] for _, e in records], np.int64).reshape(-1, 2),
-        "caption_kind": np.array([e[2] for _, e in records], np.int8),
-    }
-
-
-def _cached_index(path: str, index_dir: str | None) -> dict[str, np.ndarray]:
-    """`index_tar_shard(path)`, read from / written to `index_dir` when given.
-
-    A cached index is used only while the shard's size and mtime are those it
-    was built from; it is written atomically, so concurrent hosts sharing a
-    directory at worst index the same shard twice.
-    """
-    if index_dir is None:
-        return index_tar_shard(path)
-    stat = os.stat(path)
-    digest = hashlib.sha1(os.path.abspath(path).encode("utf-8")).hexdigest()[:12]
-    cache = os.path.join(index_dir, f"{os.path.basename(path)}.{digest}.index.npz")
-    if os.path.exists(cache):
-        try:
-            with np.load(cache) as stored:  # allow_pickle=False: arrays only
-                if int(stored["source_size"]) == stat.st_size and int(stored["source_mtime_ns"]) == stat.st_mtime_ns:
-                    index = {k: stored[k] for k in ("keys", "image", "caption", "caption_kind")}
-                    n = len(index["keys"])
-                    found = [index[k].shape for k in ("image", "caption", "caption_kind")]
-                    if found != [(n, 2), (n, 2), (n,)]:
-                        raise ValueError(f"{n} keys but arrays of shapes {found}")
-                    return index
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-            log.warning("Tar index cache %s is damaged (%s: %s); rebuilding it from %s.", cache,
-                        type(err).__name__, err, path)
-    index = index_tar_shard(path)
-    os.makedirs(index_dir, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, source_size=stat.st_size, source_mtime_ns=stat.st_mtime_ns, **index)
-    tmp = f"{cache}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, cache)
-    return index
-
-
-class TarShardSource:
-    """Records {image: bytes, caption: str} of webdataset / img2dataset tar shards, read by member offset.
-
-    Args:
-      shards: a directory (every `*.tar` in it), a glob, or a list of shard paths;
-        record order is shard order, then member order.
-      index_dir: where to cache each shard's member index (None: index at
-        every start; indexing reads only tar headers).
-      caption_field: the field of `KEY.json` holding the caption, used when a
-        key has no `KEY.txt`.
-      num_threads: shards indexed in parallel.
-      max_member_bytes: a larger image or caption member is not read: the
-        field is `Unreadable("image_too_large" / "caption_too_large")`.
-
-    A key without an image member, or a member that cannot be read, has image
-    None; one without a readable caption has caption None.
-    """
-
-    def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], *, index_dir: str | None = None,
-                 caption_field: str = "caption", num_threads: int = 8, max_member_bytes: int = MAX_IMAGE_BYTES):
-        self.paths = _expand_paths(shards, ".tar", "e.g. the output of img2dataset --output_format webdataset")
-        self.caption_field, self.max_member_bytes = caption_field, max_member_bytes
-        with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-            indices = list(tqdm(pool.map(lambda p: _cached_index(p, index_dir), self.paths), total=len(self.paths),
-                                desc="indexing tar shards", unit="shard", disable=None))
-        self._shard = np.concatenate([np.full(len(ix["keys"]), s, np.int32) for s, ix in enumerate(indices)])
-        self._keys = np.concatenate([ix["keys"] for ix in indices])  # (N,) bytes
-        self._image = np.concatenate([ix["image"] for ix in indices])  # (N, 2) offset, size
-        self._caption = np.concatenate([ix["caption"] for ix in indices])  # (N, 2)
-        self._caption_kind = np.concatenate([ix["caption_kind"] for ix in indices])  # (N,)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __repr__(self) -> str:
-        return f"TarShardSource({len(self.paths)} shards from {self.paths[0]!r}, {len(self)} records)"
-
-    def __getitem__(self, index: SupportsIndex) -> Record:
-        i = _check_index(index, len(self))
-        path = self.paths[self._shard[i]]
-        (image_offset, image_size), (caption_offset, caption_size) = self._image[i], self._caption[i]
-        key = f"{path}:{self._keys[i].decode('utf-8')}"
-        data, caption = None, None
-        try:
-            with open(path, "rb") as f:
-                if image_offset >= 0:
-                    data = self._member(f, key, "image", image_offset, image_size)
-                if caption_offset >= 0:
-                    raw = self._member(f, key, "caption", caption_offset, caption_size)
-                    if isinstance(raw, Unreadable):
-                        caption = raw
-                    elif self._caption_kind[i] == _TXT_CAPTION:
-                        caption = raw.decode("utf-8", errors="replace")
-                    else:
-                        caption = _caption_from_json(raw, self.caption_field)
-        except OSError as err:  # the shard vanished or cannot be read since indexing: a missing record
-            log.debug("Cannot read record %d from %s: %s", i, path, err)
-        return {"index": i, "key": key, "image": data, "caption": caption}
-
-    def _member(self, f: io.BufferedReader, key: str, field: str, offset: int, size: int) -> bytes | Unreadable:
-        if size > self.max_member_bytes:
-            return Unreadable(f"{field}_too_large", f"{key}: the {field} member has {size} bytes, more than "
-                                                    f"max_member_bytes={self.max_member_bytes}")
-        f.seek(offset)
-        return f.read(size)
 
 
 # --------------------------------------------------------------------------
@@ -344,7 +115,7 @@ class ImageFolderSource:
             where = self.captions_file or f"no captions file, no {'/'.join(IMAGE_EXTENSIONS)} files"
             raise DatasetNotFoundError(f"Image folder {self.root!r} lists no images ({where}).")
         listed = [os.path.join(self.root, path) for path, _ in self._entries if path is not None]
-        self.outside_root = _warn_outside_root(self.root, listed, "images")
+        self.outside_root = warn_outside_root(self.root, listed, "images")
 
     def _caption_entries(self, image_field: str, caption_field: str) -> list[tuple[str | None, str | None]]:
         if not self.captions_file.endswith((".tsv", ".jsonl")):
@@ -385,7 +156,7 @@ class ImageFolderSource:
         return f"ImageFolderSource({self.captions_file or self.root!r}, {len(self)} records)"
 
     def __getitem__(self, index: SupportsIndex) -> Record:
-        i = _check_index(index, len(self))
+        i = check_index(index, len(self))
         path, value = self._entries[i]
         full = os.path.join(self.root, path) if path is not None else None
         record = {"index": i, "key": full or f"{self.captions_file} entry {i}", "image": full}
@@ -555,7 +326,7 @@ class TfdsSource:
             return self._chunks[chunk][i - chunk * self.TFRECORD_CHUNK]
 
     def __getitem__(self, index: SupportsIndex) -> Record:
-        i = _check_index(index, len(self))
+        i = check_index(index, len(self))
         example = self._example(i)
         record = {"index": i, "key": f"{self.name}/{self.split}[{i}]"}
         record.update((field, _field_value(field, _feature(example, feature)))
@@ -581,7 +352,7 @@ class ArrayRecordSource:
         # array_record comes with tensorflow-datasets on Linux only.
         from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-        self.paths = _expand_paths(paths, ".array_record", "as common.data.writers.write_array_records writes")
+        self.paths = expand_paths(paths, ".array_record", "as common.data.writers.write_array_records writes")
         self._data = ArrayRecordDataSource(self.paths)
 
     def __len__(self) -> int:
@@ -591,7 +362,7 @@ class ArrayRecordSource:
         return f"ArrayRecordSource({len(self.paths)} files from {self.paths[0]!r}, {len(self)} records)"
 
     def __getitem__(self, index: SupportsIndex) -> Record:
-        i = _check_index(index, len(self))
+        i = check_index(index, len(self))
         fields = msgpack_restore(self._data[i])
         record = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
         return {**record, "index": i, "key": f"array_record[{i}]"}
@@ -615,7 +386,7 @@ class ShapesSource:
         return f"ShapesSource({self.dataset!r})"
 
     def __getitem__(self, index: SupportsIndex) -> Record:
-        i = _check_index(index, len(self))
+        i = check_index(index, len(self))
         item = self.dataset[i]
         return {"index": i, "key": f"shapes/{self.dataset.split}[{i}]", "image": item["image"],
                 "caption": item["caption"], "shape_id": item["shape_id"], "color_id": item["color_id"]}
@@ -634,7 +405,7 @@ class ListSource:
         return f"ListSource({self.name!r}, {len(self)} records)"
 
     def __getitem__(self, index: SupportsIndex) -> Record:
-        i = _check_index(index, len(self))
+        i = check_index(index, len(self))
         return {"key": f"{self.name}[{i}]", **self.records[i], "index": i}
 
 
