@@ -111,15 +111,17 @@ def _fix_ascii_text(text: str) -> str | None:
     for n, line in enumerate(lines):
         segment = line if n == len(lines) - 1 else line + "\n"
         unescape = unescape and "<" not in segment
-        while True:
-            before = segment
-            if unescape:
-                segment = ftfy.fixes.unescape_html(segment)
-                if _NEEDS_FTFY.search(segment):
-                    return None
-            segment = ftfy.fixes.fix_line_breaks(segment)
-            if segment == before:
+        # ftfy repeats (unescape, fix line breaks) until nothing changes. Line breaks (\r) never take part
+        # in an entity, so that fixed point is: unescape until nothing changes, then fix line breaks once.
+        while unescape and "&" in segment:
+            fixed = ftfy.fixes.unescape_html(segment)
+            if fixed == segment:
                 break
+            if _NEEDS_FTFY.search(fixed):
+                return None
+            segment = fixed
+        if "\r" in segment:
+            segment = ftfy.fixes.fix_line_breaks(segment)
         out.append(segment)
     return "".join(out)
 
