@@ -90,7 +90,7 @@ def train_step(state: TrainState, batch: Batch, *, task: Task, tx: optax.Gradien
     ema_params = state.ema_params
     if ema_decay > 0:
         ema_params = _where(applied, optax.incremental_update(new_params, ema_params, 1.0 - ema_decay), ema_params)
-    # A bad step leaves params, optimizer moments, statistics and the average untouched.
+    # ... and its statistics and the parameter average.
     streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
     state = state.replace(
         step=state.step + 1,

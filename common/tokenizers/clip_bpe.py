@@ -305,22 +305,24 @@ class ClipTokenizer:
         long = [t for t in distinct if len(t) > _BATCH_MAX_CHARS]
         # Three groups, each split in one pass: plain ASCII texts (cleaning only lower-cases them as far
         # as pieces go: pieces never hold whitespace), texts cleaned into plain ASCII, and the rest.
+        plain, ascii_cleaned, other = [], [], []  # texts; (text, cleaned) pairs; (text, cleaned) pairs
         if _NEEDS_FULL_CLEAN.search(_BATCH_SEPARATOR.join(short)) is None:
-            plain, cleaned = short, []
+            plain = short
         else:
-            plain = [t for t in short if _NEEDS_FULL_CLEAN.search(t) is None]
-            cleaned = [(t, clean_text(t)) for t in short if _NEEDS_FULL_CLEAN.search(t) is not None]
-        ascii_cleaned = [(t, c) for t, c in cleaned if _NEEDS_FTFY.search(c) is None]
-        other = [(t, c) for t, c in cleaned if _NEEDS_FTFY.search(c) is not None]
-        groups = ((plain, lambda: _BATCH_SEPARATOR.join(plain).lower(), _ASCII_PIECE_PATTERN),
-                  ([t for t, _ in ascii_cleaned], lambda: _BATCH_SEPARATOR.join(c for _, c in ascii_cleaned),
-                   _ASCII_PIECE_PATTERN),
-                  ([t for t, _ in other], lambda: _BATCH_SEPARATOR.join(c for _, c in other), _PIECE_PATTERN))
+            for text in short:
+                if _NEEDS_FULL_CLEAN.search(text) is None:
+                    plain.append(text)
+                else:
+                    cleaned = clean_text(text)
+                    (ascii_cleaned if _NEEDS_FTFY.search(cleaned) is None else other).append((text, cleaned))
+        groups = ((plain, _BATCH_SEPARATOR.join(plain).lower(), _ASCII_PIECE_PATTERN),
+                  *(([t for t, _ in pairs], _BATCH_SEPARATOR.join(c for _, c in pairs), pattern)
+                    for pairs, pattern in ((ascii_cleaned, _ASCII_PIECE_PATTERN), (other, _PIECE_PATTERN))))
         rows, order = [], []  # (N', L) blocks of rows and the texts they belong to
-        for group, join, pattern in groups:
+        for group, joined, pattern in groups:
             if not group:
                 continue
-            block = self._tokenize_joined(group, join(), pattern, context_length, truncate)
+            block = self._tokenize_joined(group, joined, pattern, context_length, truncate)
             if block is None:  # a text spells <|endoftext|>: every text of the group alone
                 long += group
             else:
