@@ -15,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["tests.helpers.pipeline_cases"]  # the data-pipeline tests' shapes records and builder
+
 
 @pytest.fixture(scope="session")
 def n_devices():

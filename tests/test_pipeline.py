@@ -1,4 +1,5 @@
-"""The grain pipeline: sources, transforms, sharding, determinism, bad records, truncation, resume, evaluation.
+"""The grain pipeline: sources, sharding, determinism, bad records, truncation, resume, evaluation
+(transforms: tests/test_transforms.py; the shared records and builder: tests/helpers/pipeline_cases.py).
 
 Data comes from the shapes dataset written to disk by `common/data/writers.py`
 (tar shards, an image folder, array_record shards) or built into a tiny tfds
@@ -12,73 +13,22 @@ import logging
 import os
 import tarfile
 
-import grain
 import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import pipeline, sources
+from common.data import sources
 from common.data.shapes import ShapesConfig, ShapesDataset
 from common.data.transforms import (
     CenterCrop,
     DalleAugment,
     DecodeImage,
-    RandomResizedCrop,
     Select,
-    SentencePieceTextTokenizer,
-    Tokenize,
 )
 from common.data.writers import encode_image, write_array_records, write_image_folder, write_tar_shards
-from common.images import clip_center_crop, clip_preprocess, decode_image, normalize_rgb
 from common.tokenizers.clip_bpe import default_tokenizer
+from tests.helpers.pipeline_cases import N, SIZE, image_text, pipe, pixels, take
 from tests.helpers.without_tensorflow import run_without_tensorflow
-
-N = 120  # records in the shapes split used throughout
-SIZE = 32
-READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
-
-
-@pytest.fixture(scope="module")
-def shapes():
-    return ShapesDataset("train", N, ShapesConfig(image_size=SIZE))
-
-
-@pytest.fixture(scope="module")
-def tar_dir(shapes, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tars")
-    write_tar_shards(shapes, root, examples_per_shard=50)
-    return root
-
-
-@pytest.fixture(scope="module")
-def folder(shapes, tmp_path_factory):
-    root = tmp_path_factory.mktemp("folder")
-    write_image_folder(shapes, root)
-    return root
-
-
-def _image_text(train=True, image_size=SIZE, context_length=77, tokenizer="clip", crop=None):
-    """CLIP's steps, keeping the source index for the checks."""
-    crop = crop or (RandomResizedCrop(image_size) if train else CenterCrop(image_size))
-    return [Tokenize(tokenizer, context_length, random_caption=train), DecodeImage(), crop,
-            Select("image", "text", "index")]
-
-
-def _pipe(source, transform=None, *, train=True, image_size=SIZE, context_length=77, tokenizer="clip", crop=None,
-          **kwargs):
-    kwargs = {"global_batch_size": 8, "shard_index": 0, "shard_count": 1, "read_options": READ, **kwargs}
-    transform = transform or _image_text(train, image_size, context_length, tokenizer, crop)
-    return pipeline.make_pipeline(source, transform, train=train, **kwargs)
-
-
-def _take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def _pixels(record):
-    data = record["image"]
-    return np.asarray(decode_image(data).convert("RGB")) if not isinstance(data, np.ndarray) else data
-
 
 # --------------------------------------------------------------------------
 # Sources
@@ -101,7 +51,7 @@ def test_sources_read_what_the_writers_wrote(shapes, tar_dir, folder, tmp_path):
         for i in (0, 49, 50, 77, N - 1):  # across tar and array_record shard boundaries
             record = source[i]
             assert record["index"] == i and record["caption"] == shapes[i]["caption"], name
-            np.testing.assert_array_equal(_pixels(record), shapes[i]["image"], err_msg=name)
+            np.testing.assert_array_equal(pixels(record), shapes[i]["image"], err_msg=name)
     assert len(all_sources["tar"].paths) == 3 and len(all_sources["array_record"].paths) == 3
     codes = all_sources["array_record"][77]["codes"]
     assert codes.dtype == np.int16 and codes.tolist() == [[77, 77], [77, 77]]
@@ -188,7 +138,7 @@ def test_tfds_source_array_record_without_tensorflow_tfrecord_for_evaluation(sha
     # tfds stores examples in hashed-key order: compare (caption, pixels) as collections.
     assert len(source) == 10 and not source.sequential
     written = sorted((shapes[i]["caption"], shapes[i]["image"].tobytes()) for i in range(10))
-    assert sorted((source[i]["caption"], _pixels(source[i]).tobytes()) for i in range(10)) == written
+    assert sorted((source[i]["caption"], pixels(source[i]).tobytes()) for i in range(10)) == written
     alt = sources.TfdsSource("tiny_captions", split="train[2:]", data_dir=data_dir,
                              fields={"image": "image", "caption": "alt"})
     alt_captions = {alt[i]["caption"] for i in range(len(alt))}
@@ -205,7 +155,7 @@ def test_tfds_source_array_record_without_tensorflow_tfrecord_for_evaluation(sha
     full = sources.TfdsSource("tiny_captions", split="train", data_dir=data_dir)
     assert [small_chunks[i]["image"] for i in range(9)] == [full[i]["image"] for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)]
     with pytest.raises(ValueError, match="no random access.*--file_format array_record"):
-        _pipe(tfrecord)
+        pipe(tfrecord)
 
     class UnpreparedPipelineCaptions(TinyCaptions):  # registered, so tfds knows it without files
         pass
@@ -238,7 +188,7 @@ def test_two_hosts_read_disjoint_shards_covering_every_epoch(shapes):
     source = sources.ShapesSource(shapes)
     epochs = {}
     for host in (0, 1):  # 60 records per host, 6 per host batch: 10 batches per epoch
-        it = _pipe(source, global_batch_size=12, shard_index=host, shard_count=2, num_epochs=2)
+        it = pipe(source, global_batch_size=12, shard_index=host, shard_count=2, num_epochs=2)
         batches = [b["index"] for b in it]
         assert len(batches) == 20 and all(b.shape == (6,) for b in batches)
         epochs[host] = [np.concatenate(batches[:10]), np.concatenate(batches[10:])]
@@ -249,18 +199,18 @@ def test_two_hosts_read_disjoint_shards_covering_every_epoch(shapes):
         assert epochs[host][0].tolist() != sorted(epochs[host][0].tolist())
         assert epochs[host][0].tolist() != epochs[host][1].tolist()
     with pytest.raises(ValueError, match="multiple of the 2 data-loading processes"):
-        _pipe(source, global_batch_size=7, shard_index=0, shard_count=2)
+        pipe(source, global_batch_size=7, shard_index=0, shard_count=2)
     with pytest.raises(ValueError, match="shard_index < shard_count"):
-        _pipe(source, shard_index=2, shard_count=2)
+        pipe(source, shard_index=2, shard_count=2)
 
 
 def test_same_seed_same_batches_other_seed_other_order(shapes):
     source = sources.ShapesSource(shapes)
-    a, b = _take(_pipe(source, seed=3), 4), _take(_pipe(source, seed=3), 4)
+    a, b = take(pipe(source, seed=3), 4), take(pipe(source, seed=3), 4)
     for x, y in zip(a, b):
         for key in ("image", "text", "index"):
             np.testing.assert_array_equal(x[key], y[key])
-    other = _take(_pipe(source, seed=4), 4)
+    other = take(pipe(source, seed=4), 4)
     assert [x["index"].tolist() for x in a] != [x["index"].tolist() for x in other]
     assert set(a[0]) == {"image", "text", "index"}  # the fields the transform selected, nothing else
     assert a[0]["image"].dtype == np.uint8 and a[0]["image"].shape == (8, SIZE, SIZE, 3)  # normalised on device
@@ -278,7 +228,7 @@ def test_bad_records_are_skipped_counted_and_logged_while_batches_stay_full(shap
     source = sources.TarShardSource(tmp_path / "bad.tar")
     assert len(source) == 40 + sum(expected.values())  # every bad key is a record, skipped when read
     with caplog.at_level(logging.WARNING, logger="common.data.pipeline"):
-        it = _pipe(source, train=False, num_epochs=1)  # source order: good records are fully consumed
+        it = pipe(source, train=False, num_epochs=1)  # source order: good records are fully consumed
         batches = list(it)
     assert len(batches) == 5 and all(b["image"].shape[0] == b["text"].shape[0] == 8 for b in batches)
     served = [source[i] for b in batches for i in b["index"]]
@@ -298,7 +248,7 @@ def test_bad_records_are_skipped_counted_and_logged_while_batches_stay_full(shap
     lines[9] = "no tab on this line"
     (root / "captions.tsv").write_text("\n".join(lines + [f"{p}\t{c}" for p, c in
                                                           (line.split("\t") for line in lines[:3])]) + "\n")
-    it = _pipe(sources.ImageFolderSource(root), train=False, num_epochs=1)
+    it = pipe(sources.ImageFolderSource(root), train=False, num_epochs=1)
     indices = np.concatenate([b["index"] for b in it]).tolist()
     assert indices == [i for i in range(19) if i not in (3, 5, 9)][:16]
     assert it.stats()["skipped"] == {"missing_image": 1, "missing_caption": 1, "empty_caption": 1}
@@ -310,27 +260,27 @@ def test_a_record_lacking_a_field_the_task_does_not_read_is_kept(shapes, tmp_pat
         Image.fromarray(shapes[i]["image"]).save(tmp_path / f"{i:02d}.png")
     source = sources.ImageFolderSource(tmp_path)
     assert "caption" not in source[0] and "label" not in source[0] and source.classnames == ()
-    it = _pipe(source, [DecodeImage(), DalleAugment(16), Select("image", "index")], num_epochs=1)
+    it = pipe(source, [DecodeImage(), DalleAugment(16), Select("image", "index")], num_epochs=1)
     batch = next(it)
     assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
     assert it.stats()["skipped_total"] == 0
     # A task that does read captions skips every one of them, and says why.
     with pytest.raises(RuntimeError, match="all skipped.*'missing_caption': 12"):
-        next(_pipe(source, num_epochs=1))
+        next(pipe(source, num_epochs=1))
 
 
 def test_a_source_with_no_usable_record_fails_instead_of_spinning(shapes, tmp_path):
     root = tmp_path / "empty_captions"
     write_image_folder([dict(shapes[i], caption=" ") for i in range(4)], root, by=None)
     with pytest.raises(RuntimeError, match="all skipped.*'empty_caption': 4"):
-        next(_pipe(sources.ImageFolderSource(root), global_batch_size=2))
+        next(pipe(sources.ImageFolderSource(root), global_batch_size=2))
 
 
 def test_over_long_captions_are_truncated_with_eot_last_and_counted(shapes, tmp_path):
     long_caption = "a very small red circle on a plain white background " * 12
     examples = [dict(shapes[i], caption=long_caption if i % 4 == 0 else shapes[i]["caption"]) for i in range(8)]
     write_image_folder(examples, tmp_path, by=None)
-    it = _pipe(sources.ImageFolderSource(tmp_path), train=False, num_epochs=1)
+    it = pipe(sources.ImageFolderSource(tmp_path), train=False, num_epochs=1)
     batch = next(it)
     tok = default_tokenizer()
     for row, i in zip(batch["text"], batch["index"]):
@@ -355,7 +305,7 @@ def test_evaluation_counts_every_example_once_and_hosts_yield_equal_batch_counts
     transform = [DecodeImage(), CenterCrop(SIZE), Select("image", "label")]
     per_host = []
     for host in (0, 1):
-        it = _pipe(source, transform, train=False, num_epochs=1, pad_last_batch=True, global_batch_size=8,
+        it = pipe(source, transform, train=False, num_epochs=1, pad_last_batch=True, global_batch_size=8,
                    shard_index=host, shard_count=2)
         batches = list(it)
         assert len(batches) == 2  # ceil(7 / 4) on both hosts
@@ -369,14 +319,14 @@ def test_evaluation_counts_every_example_once_and_hosts_yield_equal_batch_counts
     assert last["valid"].tolist() == [True, True, True, False] and not last["image"][3:].any()
     np.testing.assert_array_equal(last["image"][0], shapes[int(last["label"][0])]["image"])
     # A host whose records fit in fewer batches pads with whole invalid ones: host 0 has 5 good of 6.
-    it = _pipe(source, transform, train=False, num_epochs=1, pad_last_batch=True, global_batch_size=4,
+    it = pipe(source, transform, train=False, num_epochs=1, pad_last_batch=True, global_batch_size=4,
                shard_index=0, shard_count=2)
     assert [int(b["valid"].sum()) for b in it] == [2, 2, 1, 0]  # ceil(7 / 2) batches
     # Skips after the last good record are counted too.
-    it = _pipe(sources.ListSource(records[:5]), transform, train=False, num_epochs=1, pad_last_batch=True)
+    it = pipe(sources.ListSource(records[:5]), transform, train=False, num_epochs=1, pad_last_batch=True)
     assert [int(b["valid"].sum()) for b in it] == [4] and it.stats()["skipped"] == {"corrupt_image": 1}
     with pytest.raises(ValueError, match="num_epochs=1"):
-        _pipe(source, transform, train=False, pad_last_batch=True)
+        pipe(source, transform, train=False, pad_last_batch=True)
 
 
 # --------------------------------------------------------------------------
@@ -386,13 +336,13 @@ def test_evaluation_counts_every_example_once_and_hosts_yield_equal_batch_counts
 
 def _resume_is_bitwise(make, before=7, after=5):
     it = make()
-    _take(it, before)
+    take(it, before)
     state = json.loads(json.dumps(it.get_state()))  # as stored in checkpoint metadata
-    expected, stats = _take(it, after), it.stats()
+    expected, stats = take(it, after), it.stats()
     it.close()
     resumed = make()
     resumed.set_state(state)
-    got = _take(resumed, after)
+    got = take(resumed, after)
     resumed.close()
     for x, y in zip(expected, got):
         for key in ("image", "text", "index"):
@@ -405,18 +355,18 @@ def test_resume_continues_bitwise_across_epochs_and_bad_records(shapes, tmp_path
     _bad_tar(tmp_path / "bad.tar", shapes, list(range(30)), long_captions=True)
     source = sources.TarShardSource(tmp_path / "bad.tar")
     # 30 good records and 8-example batches: the 12 batches cross three epoch boundaries.
-    state = _resume_is_bitwise(lambda: _pipe(source, seed=5))
+    state = _resume_is_bitwise(lambda: pipe(source, seed=5))
     assert state["batches"] == 7 and sum(state["skipped"].values()) > 0 and state["counts"]["truncated_captions"] > 0
     with pytest.raises(ValueError, match=r"'seed': \(5, 6\)"):
-        _pipe(source, seed=6).set_state(state)
+        pipe(source, seed=6).set_state(state)
 
 
 def test_resume_with_worker_processes(shapes):
     source = sources.ShapesSource(shapes)
-    state = _resume_is_bitwise(lambda: _pipe(source, seed=1, worker_count=2), before=3, after=3)
+    state = _resume_is_bitwise(lambda: pipe(source, seed=1, worker_count=2), before=3, after=3)
     assert state["pipeline"]["worker_count"] == 2
     # Workers split the records between them; one epoch still serves each record once.
-    it = _pipe(source, num_epochs=1, worker_count=2)
+    it = pipe(source, num_epochs=1, worker_count=2)
     indices = np.concatenate([b["index"] for b in it])
     it.close()
     assert len(indices) == len(set(indices.tolist())) >= N - 2 * 8
@@ -447,7 +397,7 @@ def test_trainer_resumes_the_pipeline_from_its_checkpoint(n_devices, tmp_path):
     source = sources.ShapesSource(ShapesDataset("train", 64, ShapesConfig(image_size=16)))
 
     def fit(workdir, steps):
-        data = _pipe(source, _image_text(image_size=16)[:-1] + [Select("image", "text")], global_batch_size=16)
+        data = pipe(source, image_text(image_size=16)[:-1] + [Select("image", "text")], global_batch_size=16)
         trainer = Trainer(_MeanColourTask(), {"total_steps": steps, "global_batch_size": 16, "checkpoint_every": 2,
                                               "progress": False, "async_checkpoints": False},
                           {"learning_rate": 0.1}, workdir, mesh=sharding.make_mesh("data_parallel"))
@@ -461,110 +411,3 @@ def test_trainer_resumes_the_pipeline_from_its_checkpoint(n_devices, tmp_path):
     np.testing.assert_array_equal(resumed, straight)
     assert resumed_state == straight_state and straight_state["batches"] == 6
     assert np.any(straight != 0)
-
-
-# --------------------------------------------------------------------------
-# Image transforms
-# --------------------------------------------------------------------------
-
-
-def test_center_crop_is_clip_preprocess_before_normalisation(tmp_path, shapes):
-    rng = np.random.default_rng(0)
-    images = {"wide.png": Image.fromarray(rng.integers(0, 256, (30, 47, 3), np.uint8)),
-              "tall_rgba.png": Image.fromarray(rng.integers(0, 256, (51, 29, 4), np.uint8)),
-              "gray.png": Image.fromarray(rng.integers(0, 256, (33, 33), np.uint8)),
-              "palette.png": Image.fromarray(rng.integers(0, 256, (40, 35, 3), np.uint8)).quantize(16),
-              "photo.jpg": Image.fromarray(rng.integers(0, 256, (36, 44, 3), np.uint8))}
-    for name, img in images.items():
-        img.save(tmp_path / name)
-    (tmp_path / "captions.tsv").write_text("".join(f"{name}\tcaption {name}\n" for name in images))
-    batch = next(_pipe(sources.ImageFolderSource(tmp_path), global_batch_size=5, image_size=24, train=False))
-    for row, name in enumerate(images):
-        np.testing.assert_array_equal(normalize_rgb(batch["image"][row]),
-                                      clip_preprocess(decode_image(tmp_path / name), 24))
-    # Shapes images given as arrays: CLIP's pixels too.
-    val = ShapesDataset("validation", 16, ShapesConfig(image_size=SIZE))
-    batch = next(_pipe(sources.ShapesSource(val), train=False))
-    np.testing.assert_array_equal(normalize_rgb(batch["image"]),
-                                  np.stack([clip_preprocess(Image.fromarray(val[i]["image"]), SIZE) for i in range(8)]))
-
-
-def test_augmentation_varies_by_epoch_and_is_reproducible(shapes):
-    source = sources.ShapesSource(shapes)
-
-    def by_record(it, n_batches):
-        seen = {}
-        for b in _take(it, n_batches):
-            for i, image in zip(b["index"].tolist(), b["image"]):
-                seen.setdefault(i, []).append(image)
-        return seen
-
-    # 15 batches of 8 per epoch: two epochs.
-    first, again = by_record(_pipe(source, seed=2), 30), by_record(_pipe(source, seed=2), 30)
-    assert sorted(first) == list(range(N)) and all(len(v) == 2 for v in first.values())
-    for i in first:
-        np.testing.assert_array_equal(first[i], again[i])
-    changed = sum(not np.array_equal(a, b) for a, b in first.values())
-    assert changed >= N * 0.9
-    # Every augmented view differs from the centred evaluation view of the same record.
-    evaluated = {i: np.asarray(clip_center_crop(Image.fromarray(shapes[i]["image"]), SIZE)) for i in first}
-    assert sum(np.array_equal(first[i][0], evaluated[i]) for i in first) <= N * 0.1
-    # A crop of the whole image (scale 1, ratio 1) is the evaluation transform of a square image.
-    batch = next(_pipe(source, image_size=24, crop=RandomResizedCrop(24, scale=(1.0, 1.0), ratio=(1.0, 1.0))))
-    np.testing.assert_array_equal(batch["image"], np.stack([clip_center_crop(Image.fromarray(shapes[i]["image"]), 24)
-                                                            for i in batch["index"].tolist()]))
-
-
-def test_random_resized_crop_box_follows_scale_and_ratio():
-    crop = RandomResizedCrop(16, scale=(0.3, 0.6), ratio=(0.5, 2.0))
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        top, left, h, w = crop.box(80, 60, rng)
-        assert 0 <= top <= 60 - h and 0 <= left <= 80 - w
-        assert 0.3 * 4800 * 0.9 <= h * w <= 0.6 * 4800 * 1.1 and 0.45 <= w / h <= 2.2
-    # No sample fits a 100 x 8 strip at scale >= 0.9: torchvision's fallback, the central crop at ratio 4/3.
-    top, left, h, w = RandomResizedCrop(16).box(100, 8, rng)
-    assert (top, h, w) == (0, 8, 11) and left == (100 - 11) // 2
-    img = Image.fromarray(np.arange(80 * 60 * 3, dtype=np.uint8).reshape(60, 80, 3))
-    out = crop({"image": img}, np.random.default_rng(7))["image"]
-    top, left, h, w = crop.box(80, 60, np.random.default_rng(7))
-    expected = img.crop((left, top, left + w, top + h)).resize((16, 16), Image.Resampling.BICUBIC)
-    np.testing.assert_array_equal(out, np.asarray(expected))
-
-
-def test_dalle_augmentation_crops_the_short_side_zooms_and_flips():
-    # Listing 1 at R = 64 on a 300 x 200 ramp (value 0.8 x): a 200 px square, resized to t in [72, 96], a 64 crop.
-    ramp = np.repeat(np.repeat((0.8 * np.arange(300)).astype(np.uint8)[None, :, None], 200, 0), 3, 2)
-    augment = DalleAugment(64)
-    slopes, flipped = [], 0
-    for seed in range(60):
-        out = augment({"image": Image.fromarray(ramp)}, np.random.default_rng(seed))["image"].astype(float)
-        assert out.shape == (64, 64, 3)
-        slope = (out[:, -8:].mean() - out[:, :8].mean()) / 56  # value change per output pixel
-        flipped += slope < 0
-        slopes.append(abs(slope))
-    # 0.8 source-value steps per source pixel, 200 / t source pixels per output pixel.
-    assert 0.8 * 200 / 96 - 0.05 <= min(slopes) and max(slopes) <= 0.8 * 200 / 72 + 0.05
-    assert max(slopes) - min(slopes) > 0.2  # t varies
-    assert 15 <= flipped <= 45
-    # A short side below R is resized up rather than failing as the listing would.
-    small = DalleAugment(32)({"image": Image.fromarray(ramp[:20, :30])}, np.random.default_rng(0))["image"]
-    assert small.shape == (32, 32, 3) and small.dtype == np.uint8
-
-
-def test_sentencepiece_captions_are_truncated_and_counted(shapes, tmp_path):
-    from common.tokenizers.sentencepiece import EOS_ID, PAD_ID, train_bpe
-
-    sp = train_bpe((shapes[i]["caption"] for i in range(N)), vocab_size=320, allow_smaller_vocab=True)
-    examples = [dict(shapes[i], caption=shapes[i]["caption"] + " on a sunny day" * (6 if i % 2 else 0))
-                for i in range(8)]
-    write_image_folder(examples, tmp_path, by=None)
-    source = sources.ImageFolderSource(tmp_path)
-    it = _pipe(source, train=False, tokenizer=SentencePieceTextTokenizer(sp, add_eos=True), context_length=16)
-    batch = next(it)
-    truncated = 0
-    for row, i in zip(batch["text"], batch["index"]):
-        ids = sp.encode(examples[i]["caption"])
-        truncated += len(ids) > 15
-        assert row.tolist() == (ids[:15] + [EOS_ID] + [PAD_ID] * (15 - len(ids)))[:16]
-    assert truncated >= 4 and it.stats()["counts"]["truncated_captions"] == truncated
