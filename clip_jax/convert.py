@@ -134,6 +134,9 @@ def _openai_rules(cfg: CLIPConfig) -> list[_Rule]:
     vision, text = cfg.vision, cfg.text
     visual: Path = ("params", "visual")
     rules: list[_Rule] = []
+    if vision.is_resnet and vision.stem_stride != 4:
+        raise ValueError(f"OpenAI's ModifiedResNet has a stride-4 stem; this model's stem_stride is "
+                         f"{vision.stem_stride}, so its weights have no OpenAI layout")
     if vision.is_resnet:
         for i in (1, 2, 3):
             rules += _conv_bn(f"visual.conv{i}.weight", f"visual.bn{i}", visual + (f"conv{i}",))

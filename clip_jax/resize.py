@@ -98,7 +98,7 @@ def resize_variables(variables: dict, cfg: CLIPConfig, *, image_size: int | None
     vision, text = cfg.vision, cfg.text
     image_size = image_size or vision.image_size
     context_length = context_length or text.context_length
-    stride = 32 if vision.is_resnet else vision.patch_size
+    stride = vision.total_stride
     if image_size % stride:
         raise ValueError(f"image_size must be a multiple of {stride} (the {'ResNet stride' if vision.is_resnet else 'patch size'}), "
                          f"found {image_size}")
@@ -107,7 +107,7 @@ def resize_variables(variables: dict, cfg: CLIPConfig, *, image_size: int | None
         visual = dict(params["visual"])
         if vision.is_resnet:
             pool = dict(visual["attnpool"])
-            pool["positional_embedding"] = resize_position_grid(np.asarray(pool["positional_embedding"]), image_size // 32)
+            pool["positional_embedding"] = resize_position_grid(np.asarray(pool["positional_embedding"]), image_size // stride)
             visual["attnpool"] = pool
         else:
             visual["positional_embedding"] = resize_position_grid(np.asarray(visual["positional_embedding"]),

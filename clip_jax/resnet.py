@@ -156,10 +156,11 @@ class ModifiedResNet(nn.Module):
             train_batchnorm=self.train_batchnorm, **kw
         )
         x = images.astype(self.dtype)
-        x = nn.relu(conv_bn(width // 2, "conv1", stride=2, rgb_input=True)(x))  # (B, H/2, W/2, width/2)
+        conv1_stride = 2 if cfg.stem_stride == 4 else 1
+        x = nn.relu(conv_bn(width // 2, "conv1", stride=conv1_stride, rgb_input=True)(x))  # (B, H/2, W/2, width/2)
         x = nn.relu(conv_bn(width // 2, "conv2")(x))
         x = nn.relu(conv_bn(width, "conv3")(x))
-        x = _avg_pool(x, 2)  # (B, H/4, W/4, width)
+        x = _avg_pool(x, min(cfg.stem_stride, 2))  # (B, H/4, W/4, width) with OpenAI's stem_stride 4
         block = nn.remat(Bottleneck) if self.remat else Bottleneck
         for stage, depth in enumerate(cfg.layers):
             for i in range(depth):
@@ -167,7 +168,7 @@ class ModifiedResNet(nn.Module):
                 x = block(
                     width * 2**stage, stride, self.dtype, self.param_dtype, self.train_batchnorm,
                     name=f"layer{stage + 1}_{i}",
-                )(x)  # stage 4: (B, H/32, W/32, 32 width)
+                )(x)  # stage 4: (B, H/32, W/32, 32 width) with stem_stride 4
         return AttentionPool2d(
-            size // 32, cfg.heads, self.embed_dim, self.dtype, self.param_dtype, name="attnpool"
+            size // cfg.total_stride, cfg.heads, self.embed_dim, self.dtype, self.param_dtype, name="attnpool"
         )(x)

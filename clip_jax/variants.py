@@ -29,6 +29,9 @@ class VisionConfig:
       patch_size: ViT patch size; None for a ResNet.
       mlp_ratio: ViT MLP width over residual width (open_clip truncates `width * mlp_ratio`).
       act: ViT MLP activation: OpenAI's QuickGELU or exact GELU.
+      stem_stride: ResNet only: how much the stem downsamples. 4 is OpenAI's (a stride-2 conv, then a 2x2
+        average pool); 2 keeps the pool only, 1 neither, for small images whose objects are a few pixels
+        (32-pixel images). The attention pool sees an `image_size / (8 * stem_stride)` grid.
     """
 
     image_size: int
@@ -38,6 +41,7 @@ class VisionConfig:
     patch_size: int | None = None
     mlp_ratio: float = 4.0
     act: Activation = "quick_gelu"
+    stem_stride: int = 4
 
     def __post_init__(self):
         if self.is_resnet:
@@ -46,9 +50,12 @@ class VisionConfig:
                     "a ModifiedResNet needs 4 stage depths and patch_size=None, "
                     f"found layers={self.layers}, patch_size={self.patch_size}"
                 )
-            if self.image_size % 32:
+            if self.stem_stride not in (1, 2, 4):
+                raise ValueError(f"ModifiedResNet stem_stride must be 1, 2 or 4, found {self.stem_stride}")
+            if self.image_size % self.total_stride:
                 raise ValueError(
-                    f"ModifiedResNet downsamples by 32: image_size must be a multiple of 32, found {self.image_size}"
+                    f"ModifiedResNet downsamples by {self.total_stride}: image_size must be a multiple of "
+                    f"{self.total_stride}, found {self.image_size}"
                 )
             _check_heads(32 * self.width, self.heads, "ModifiedResNet attention pool (32 * width)")
         else:
@@ -57,12 +64,19 @@ class VisionConfig:
                     "a ViT needs image_size divisible by patch_size, "
                     f"found image_size={self.image_size}, patch_size={self.patch_size}"
                 )
+            if self.stem_stride != 4:
+                raise ValueError(f"stem_stride is a ModifiedResNet setting; a ViT has patch_size, found {self.stem_stride}")
             _check_heads(self.width, self.heads, "ViT width")
         _check_act(self.act)
 
     @property
     def is_resnet(self) -> bool:
         return isinstance(self.layers, tuple)
+
+    @property
+    def total_stride(self) -> int:
+        """Input pixels per output position: a ResNet's stem times its three 2x stages; a ViT's patch size."""
+        return 8 * self.stem_stride if self.is_resnet else self.patch_size
 
     @property
     def mlp_dim(self) -> int:
@@ -80,10 +94,16 @@ class TextConfig:
     vocab_size: int = 49408
     mlp_ratio: float = 4.0
     act: Activation = "quick_gelu"
+    stem_stride: int = 4
 
     def __post_init__(self):
         _check_heads(self.width, self.heads, "text width")
         _check_act(self.act)
+
+    @property
+    def total_stride(self) -> int:
+        """Input pixels per output position: a ResNet's stem times its three 2x stages; a ViT's patch size."""
+        return 8 * self.stem_stride if self.is_resnet else self.patch_size
 
     @property
     def mlp_dim(self) -> int:

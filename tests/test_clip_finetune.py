@@ -163,6 +163,29 @@ def test_resize_position_grid_matches_torch_bicubic(old, new):
     np.testing.assert_array_equal(got[0], posemb[0])  # the class token's position is kept
 
 
+@pytest.mark.parametrize("stem_stride, grids", [(4, (2, 3)), (2, (4, 6)), (1, (8, 12))])
+def test_resize_a_resnet_follows_its_stem_stride(stem_stride, grids):
+    """The attention pool's grid is image_size / (8 * stem_stride): resizing 64 -> 96 px resamples it."""
+    from flax.linen import meta
+
+    from clip_jax.model import CLIP
+    from clip_jax.variants import CLIPConfig, TextConfig, VisionConfig
+
+    cfg = CLIPConfig(16, VisionConfig(64, (1, 1, 1, 1), 8, 2, stem_stride=stem_stride), TextConfig(16, 2, 1, 8))
+    variables = jax.jit(CLIP(cfg).init)(jax.random.key(0, impl="rbg"), np.zeros((1, 64, 64, 3), np.float32),
+                                        np.zeros((1, 8), np.int32))
+    variables = jax.device_get(meta.unbox(variables))
+    new_cfg, resized = resize.resize_variables(variables, cfg, image_size=96)
+    old_grid = variables["params"]["visual"]["attnpool"]["positional_embedding"]
+    assert old_grid.shape[0] == 1 + grids[0] ** 2 and new_cfg.vision.stem_stride == stem_stride
+    np.testing.assert_array_equal(resized["params"]["visual"]["attnpool"]["positional_embedding"],
+                                  resize.resize_position_grid(old_grid, grids[1]))
+    features = CLIP(new_cfg).apply(resized, np.zeros((1, 96, 96, 3), np.float32), method=CLIP.encode_image)
+    assert features.shape == (1, 16)
+    with pytest.raises(ValueError, match=f"multiple of {8 * stem_stride}"):
+        resize.resize_variables(variables, cfg, image_size=8 * stem_stride * 3 + 4)
+
+
 def test_resize_text_positions_truncates_or_matches_torch_linear():
     posemb = np.random.default_rng(2).standard_normal((16, 8)).astype(np.float32)
     np.testing.assert_array_equal(resize.resize_text_positions(posemb, 5), posemb[:5])

@@ -112,6 +112,12 @@ def test_configs_reject_inconsistent_sizes():
         TextConfig(32, 3, 2)
     with pytest.raises(ValueError, match="multiple of 32"):
         VisionConfig(48, (1, 1, 1, 1), 16, 8)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        VisionConfig(40, (1, 1, 1, 1), 16, 8, stem_stride=2)
+    with pytest.raises(ValueError, match="stem_stride must be 1, 2 or 4"):
+        VisionConfig(64, (1, 1, 1, 1), 16, 8, stem_stride=3)
+    with pytest.raises(ValueError, match="stem_stride is a ModifiedResNet setting"):
+        VisionConfig(32, 2, 64, 4, patch_size=8, stem_stride=2)
 
 
 @pytest.mark.parametrize("name", OPENAI_VARIANTS)
@@ -146,6 +152,29 @@ def test_openai_parity_small(openai_small, name):
     diffs = _max_abs_diff(_run_openai(model, images, texts), _run_ours(CLIP(cfg), variables, images, texts))
     print(f"OpenAI parity {name}: {diffs}")
     assert max(diffs.values()) <= PARITY_TOL, diffs
+
+
+@pytest.mark.parametrize("stem_stride", [1, 2])
+def test_resnet_shallow_stem_matches_openai_with_its_stem_changed(stem_stride):
+    """stem_stride 1 / 2: OpenAI's ModifiedResNet with conv1 at stride 1 (and, for 1, no stem pool) on the
+    same weights; the reference is built for the image size whose attention-pool grid ours sees."""
+    base = SMALL["resnet"]
+    size = 32 if stem_stride == 1 else 32 * stem_stride  # attention pool grids 4x4 and 2x2
+    cfg = dataclasses.replace(base, vision=dataclasses.replace(base.vision, image_size=size, stem_stride=stem_stride))
+    layout = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=size * 4 // stem_stride,
+                                                                 stem_stride=4))
+    torch.manual_seed(5)
+    model = ref.build_openai_clip(layout)
+    ref.randomize_(model, seed=5)
+    model.visual.conv1.stride = (1, 1)
+    if stem_stride == 1:
+        model.visual.avgpool = torch.nn.Identity()
+    variables = params_from_openai_state_dict(ref.state_dict_numpy(model), layout)
+    images, texts = _inputs(cfg)
+    diffs = _max_abs_diff(_run_openai(model, images, texts), _run_ours(CLIP(cfg), variables, images, texts))
+    assert max(diffs.values()) <= PARITY_TOL, diffs
+    with pytest.raises(ValueError, match="stride-4 stem; this model's stem_stride is"):
+        openai_state_dict_from_params(variables, cfg)
 
 
 def test_openai_parity_vit_b32_full_width_stack():
