@@ -224,15 +224,15 @@ def progress_bar(
     )
 
 
-def set_postfix_metrics(bar: tqdm, metrics: Mapping[str, Any], *, examples_per_step: int | None = None) -> None:
-    """Shows ``metrics`` after the bar, plus ``examples/s`` from the bar's smoothed rate when
-    ``examples_per_step`` is given (steps/s is already the bar's own rate)."""
+def set_postfix_metrics(bar: tqdm, metrics: Mapping[str, Any], *, examples_per_second: float | None = None) -> None:
+    """Shows ``metrics`` after the bar, plus ``examples/s`` when given. Pass a rate measured after the
+    step's results reached the host: the bar's own rate counts dispatches, which run ahead of the
+    device (asynchronous dispatch) until something waits for a result."""
     if bar.disable:
         return
     shown = {name: f"{_to_python_scalar(name, value):.4g}" for name, value in metrics.items()}
-    rate = bar.format_dict.get("rate")
-    if examples_per_step is not None and rate:
-        shown["examples/s"] = f"{rate * examples_per_step:.4g}"
+    if examples_per_second is not None:
+        shown["examples/s"] = f"{examples_per_second:.4g}"
     bar.set_postfix(shown, refresh=False)
 
 

@@ -344,6 +344,7 @@ class Trainer:
         evaluations: dict[str, dict[str, float]] = {}
         bar = metrics_lib.progress_bar(cfg.total_steps, "train", enabled=None if cfg.progress else False, initial=start)
         t0, examples = time.perf_counter(), 0
+        logged = (0, t0)  # (examples, time) at the last log
         preempted = False
         step = start
         try:
@@ -358,12 +359,15 @@ class Trainer:
                     last = step == cfg.total_steps
                     if step % cfg.log_every == 0 or last:
                         record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                        record["examples_per_second"] = examples / (time.perf_counter() - t0)
+                        now = time.perf_counter()  # after device_get: the steps so far have run
+                        record["examples_per_second"] = examples / (now - t0)
                         if hasattr(data, "stats"):  # records the pipelines of all hosts skipped (corrupt, ...)
                             record["data_skipped"] = sum(_gather_from_processes(data.stats()["skipped_total"]))
                         history.append({"step": step, **record})
                         writer.write_scalars(step, record)
-                        metrics_lib.set_postfix_metrics(bar, {"loss": record["loss"]}, examples_per_step=cfg.global_batch_size)
+                        metrics_lib.set_postfix_metrics(bar, {"loss": record["loss"]},  # rate since the last log
+                                                        examples_per_second=(examples - logged[0]) / (now - logged[1]))
+                        logged = (examples, now)
                         self._check_finite()
                     if cfg.eval_every and step % cfg.eval_every == 0 and not last:
                         self._run_evaluators(evaluators, step, writer, evaluations)

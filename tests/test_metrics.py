@@ -143,10 +143,10 @@ def test_progress_bar_postfix():
     bar = progress_bar(range(4), "train", enabled=True, file=out, mininterval=0)
     for _ in bar:
         time.sleep(0.01)  # the bar's rate needs a measurable interval between updates
-        set_postfix_metrics(bar, {"loss": jnp.asarray(0.123456)}, examples_per_step=256)
+        set_postfix_metrics(bar, {"loss": jnp.asarray(0.123456)}, examples_per_second=1234.5678)
     bar.close()
     text = out.getvalue()
-    assert "train" in text and "loss=0.1235" in text and "examples/s=" in text and "step/s" in text
+    assert "train" in text and "loss=0.1235" in text and "examples/s=1235" in text and "step/s" in text
     assert progress_bar(7, enabled=True, file=io.StringIO()).total == 7
 
 
