@@ -90,8 +90,8 @@ def held_out_captions(split: str, count: int) -> list[dict[str, Any]]:
 
 def restore_clip(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> CLIPBundle:
     task = train_clip.make_task(config, mesh)
-    params = restore_eval_params(task, run_record(config), workdir, mesh)
-    return CLIPBundle(task.model, {"params": params}, task.config, f"trained in {workdir}")
+    variables = restore_eval_variables(task, run_record(config), workdir, mesh)  # with a ResNet's batch_stats
+    return CLIPBundle(task.model, variables, task.config, f"trained in {workdir}")
 
 
 def text_similarity(clip: CLIPBundle, mesh: jax.sharding.Mesh) -> dict[str, float]:
