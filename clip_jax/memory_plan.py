@@ -1,6 +1,8 @@
 """Memory plan of the compiled CLIP train step: bytes per device, as XLA's memory analysis counts them.
 
-    python -m clip_jax.memory_plan --variant ViT-B/16 --batch 32768 --devices 64 256 --mesh fsdp [--remat]
+    python -m clip_jax.memory_plan --variant ViT-B/16 --global-batch 32768 --devices 64 256 --mesh fsdp fsdp_tp
+
+The flags are dalle_jax.memory_plan's (`--batch` and `--meshes` are accepted too).
 
 For a variant, global batch, mesh preset (common/sharding.py) and remat setting, the shared trainer's
 train step (common/trainer.py: CLIPTask's contrastive loss, AdamW, the state donated) is lowered
@@ -70,8 +72,8 @@ def plan(config: CLIPConfig, *, global_batch: int, mesh: jax.sharding.Mesh, rema
 
 def _simulated(args: argparse.Namespace, devices: int) -> list[dict[str, Any]]:
     """This command's rows for `devices` simulated CPU devices, from a child process."""
-    cmd = [sys.executable, "-m", "clip_jax.memory_plan", "--variant", args.variant, "--batch", str(args.batch),
-           "--devices", str(devices), "--mesh", args.mesh, "--dtype", args.dtype, "--json"]
+    cmd = [sys.executable, "-m", "clip_jax.memory_plan", "--variant", args.variant, "--global-batch",
+           str(args.global_batch), "--devices", str(devices), "--mesh", *args.mesh, "--dtype", args.dtype, "--json"]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
     done = subprocess.run(cmd + ["--remat", *args.remat], env=env, capture_output=True, text=True)
@@ -83,9 +85,9 @@ def _simulated(args: argparse.Namespace, devices: int) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="ViT-B/16", help="a clip_jax.variants name")
-    parser.add_argument("--batch", type=positive_int, default=32_768, help="global batch size")
+    parser.add_argument("--global-batch", "--batch", type=positive_int, default=32_768, help="global batch size")
     parser.add_argument("--devices", type=positive_int, nargs="+", default=[64, 256])
-    parser.add_argument("--mesh", default="fsdp", help="a common/sharding.py preset")
+    parser.add_argument("--mesh", "--meshes", nargs="+", default=["fsdp"], help="common/sharding.py presets")
     parser.add_argument("--remat", nargs="+", choices=["off", "on"], default=["off", "on"],
                         help="activation recomputation in the backward pass: off, on, or both (the default)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
@@ -101,15 +103,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             rows += _simulated(args, devices)
             continue
         try:
-            mesh = sharding.make_mesh(args.mesh)
-            rows += [plan(config, global_batch=args.batch, mesh=mesh, remat=remat == "on", dtype=jnp.dtype(args.dtype))
-                     for remat in args.remat]
+            for name in args.mesh:
+                mesh = sharding.make_mesh(name)
+                rows += [plan(config, global_batch=args.global_batch, mesh=mesh, remat=remat == "on",
+                              dtype=jnp.dtype(args.dtype)) for remat in args.remat]
         except sharding.ShardingError as err:
             parser.error(str(err))
     if args.json:
         print(json.dumps(rows))
         return rows
-    print(f"CLIP {args.variant} train step, global batch {args.batch}, {args.dtype} compute: bytes per device "
+    print(f"CLIP {args.variant} train step, global batch {args.global_batch}, {args.dtype} compute: bytes per device "
           "(XLA memory analysis)")
     print("| mesh | devices | remat | " + " | ".join(COLUMNS) + " |")
     print("|---|---|---|" + "---|" * len(COLUMNS))

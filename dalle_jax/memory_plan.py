@@ -1,6 +1,8 @@
 """Memory plan of DALL·E transformer training, per device, from shapes alone.
 
-    python -m dalle_jax.memory_plan --variant 12B --devices 64 256 --meshes fsdp fsdp_tp --global-batch 1024
+    python -m dalle_jax.memory_plan --variant 12B --devices 64 256 --mesh fsdp fsdp_tp --global-batch 1024
+
+The flags are clip_jax.memory_plan's (`--batch` and `--meshes` are accepted too).
 
 For each mesh and device count: parameters (fp32, sharded by the logical
 rules), AdamW moments (two fp32 copies sharded like the parameters),
@@ -76,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="12B")
     parser.add_argument("--devices", type=positive_int, nargs="+", default=[64, 256])
-    parser.add_argument("--meshes", nargs="+", default=["fsdp", "fsdp_tp"])
-    parser.add_argument("--global-batch", type=positive_int, default=1024)
+    parser.add_argument("--mesh", "--meshes", nargs="+", default=["fsdp", "fsdp_tp"], help="common/sharding.py presets")
+    parser.add_argument("--global-batch", "--batch", type=positive_int, default=1024, help="global batch size")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:
@@ -86,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         parser.error(f"--variant: {err}")
     try:
         rows = [plan(config, mesh=m, num_devices=n, global_batch=args.global_batch)
-                for m in args.meshes for n in args.devices]
+                for m in args.mesh for n in args.devices]
     except ShardingError as err:
         parser.error(str(err))
     if args.json:

@@ -50,10 +50,12 @@ def test_clip_memory_plan_arguments_are_the_real_shards(tmp_path, n_devices, fsd
 def test_clip_memory_plan_command_prints_a_table_and_remat_shrinks_the_temporaries(monkeypatch, capsys, n_devices,
                                                                                    fsdp_plan):
     monkeypatch.setattr(memory_plan, "decode_variant", lambda name: TINY)
-    rows = memory_plan.main(["--variant", "tiny", "--batch", str(BATCH), "--devices", str(n_devices), "--remat", "on",
-                             "--dtype", "float32"])
+    rows = memory_plan.main(["--variant", "tiny", "--global-batch", str(BATCH), "--devices", str(n_devices),
+                             "--remat", "on", "--dtype", "float32", "--mesh", "fsdp", "data_parallel"])
     out = capsys.readouterr().out
-    assert len(rows) == 1 and rows[0]["remat"] and "| data=1,fsdp=8,tensor=1 | 8 (cpu) | on |" in out
+    assert [r["mesh"]["fsdp"] for r in rows] == [8, 1] and all(r["remat"] for r in rows)
+    assert "| data=1,fsdp=8,tensor=1 | 8 (cpu) | on |" in out and "| data=8,fsdp=1,tensor=1 | 8 (cpu) | on |" in out
     assert rows[0]["temporaries"] < fsdp_plan["temporaries"] and rows[0]["arguments"] == fsdp_plan["arguments"]
-    with pytest.raises(SystemExit):  # 60 rows do not split over 8 devices
+    assert rows[1]["params"] > rows[0]["params"]  # replicated vs split over 8 devices
+    with pytest.raises(SystemExit):  # 60 rows do not split over 8 devices (--batch: --global-batch's alias)
         memory_plan.main(["--variant", "tiny", "--batch", "60", "--devices", str(n_devices)])

@@ -47,3 +47,10 @@ def test_plan_command_prints_every_mesh(capsys):
 def test_plan_refuses_a_batch_the_mesh_cannot_split():
     with pytest.raises(SystemExit):
         memory_plan.main(["--variant", "tiny", "--devices", "64", "--global-batch", "100"])
+
+
+def test_plan_flags_are_the_clip_plans(capsys):
+    """--mesh / --global-batch, as clip_jax.memory_plan spells them; --meshes / --batch are aliases."""
+    rows = memory_plan.main(["--variant", "tiny", "--devices", "8", "--mesh", "fsdp_tp", "--global-batch", "16"])
+    aliased = memory_plan.main(["--variant", "tiny", "--devices", "8", "--meshes", "fsdp_tp", "--batch", "16"])
+    assert rows == aliased and len(rows) == 1 and rows[0]["mesh"]["tensor"] > 1 and rows[0]["global_batch"] == 16
