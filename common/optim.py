@@ -144,7 +144,10 @@ def make_optimizer(cfg: OptimConfig | Mapping[str, Any] | Any) -> optax.Gradient
 
     With ``MultiSteps`` the step function is called once per micro-batch: gradients are averaged in
     the optimizer state and an update is applied every ``accum_steps`` calls (zeros in between), so
-    clipping and the schedule see the accumulated gradient and count real updates.
+    clipping and the schedule see the accumulated gradient and count real updates. With frozen
+    parameters it wraps the trained group only: frozen ones get no gradient accumulator either (a
+    locked LiT image tower would otherwise keep a zero-filled copy of itself). `update_applied` tells
+    whether a step's updates were applied.
     """
     cfg = dataclass_from(OptimConfig, cfg)
     adamw = optax.adamw(
@@ -156,10 +159,20 @@ def make_optimizer(cfg: OptimConfig | Mapping[str, Any] | Any) -> optax.Gradient
         mask=functools.partial(decay_mask, no_decay_names=cfg.no_decay_names),
     )
     tx = adamw if cfg.grad_clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+    if cfg.accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.accum_steps)
     if cfg.frozen:
         labels = lambda params: jax.tree.map(  # noqa: E731
             lambda f: "frozen" if f else "trained", frozen_mask(params, cfg.frozen))
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
-    if cfg.accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.accum_steps)
     return tx
+
+
+def update_applied(opt_state: Any) -> jax.Array | bool:
+    """Whether the step that produced `opt_state` (of a `make_optimizer` optimizer) applied an update:
+    always without accumulation; under ``optax.MultiSteps``, on every ``accum_steps``-th micro-batch."""
+    is_multisteps = lambda x: isinstance(x, optax.MultiStepsState)  # noqa: E731
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_multisteps) if is_multisteps(x)]
+    if not found:
+        return True
+    return jnp.logical_and(found[0].mini_step == 0, found[0].gradient_step > 0)  # optax.MultiSteps.has_updated

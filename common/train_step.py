@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from common import checkpoint as ckpt
-from common import sharding
+from common import optim, sharding
 
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
@@ -86,7 +86,7 @@ def train_step(state: TrainState, batch: Batch, *, task: Task, tx: optax.Gradien
     if new_model_state is None:
         new_model_state = state.model_state
     # Under accumulation (optax.MultiSteps) most steps only add to the gradient sum.
-    applied = ok & (tx.has_updated(new_opt_state) if isinstance(tx, optax.MultiSteps) else True)
+    applied = ok & optim.update_applied(new_opt_state)
     ema_params = state.ema_params
     if ema_decay > 0:
         ema_params = _where(applied, optax.incremental_update(new_params, ema_params, 1.0 - ema_decay), ema_params)

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from common.config import dataclass_from
-from common.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
+from common.optim import OptimConfig, decay_mask, make_optimizer, make_schedule, update_applied
 
 
 def _clip_like_params():
@@ -150,3 +150,29 @@ def test_multisteps_updates_every_k_steps():
     for g in grads:
         updates, state = update(g, state, params)
     np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+
+
+def test_accumulation_with_frozen_parameters_keeps_no_accumulator_for_them():
+    """accum_steps and frozen together: the frozen leaves get neither moments nor a gradient sum, the
+    trained ones update every k-th micro-batch exactly as an optimizer over them alone would, and
+    update_applied reports the same steps."""
+    k = 2
+    params = {"frozen": {"w": jnp.ones((64, 32))}, "head": {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}}
+    cfg = OptimConfig(learning_rate=0.1, warmup_steps=0, total_steps=10, accum_steps=k, frozen=("frozen",))
+    tx = make_optimizer(cfg)
+    state = tx.init(params)
+    sizes = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    trained = sizes(params["head"])
+    assert sizes(state) <= 3 * trained + 16  # two moments, the accumulator, a few counters
+    alone = make_optimizer(dataclasses.replace(cfg, frozen=()))
+    alone_state = alone.init(params["head"])
+    rng = np.random.default_rng(0)
+    for step in range(2 * k):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        expected, alone_state = jax.jit(alone.update)(grads["head"], alone_state, params["head"])
+        assert not np.any(np.asarray(updates["frozen"]["w"]))
+        for name in ("w", "b"):
+            np.testing.assert_allclose(updates["head"][name], expected[name], rtol=1e-6, atol=1e-7)
+        assert bool(update_applied(state)) == (step % k == k - 1), step
+    assert update_applied(make_optimizer(dataclasses.replace(cfg, accum_steps=1)).init(params)) is True
