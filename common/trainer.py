@@ -431,3 +431,34 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpoints.close()
+
+
+def restore_eval_variables(task: Any, run: Mapping[str, Any] | None, workdir: str | Path,
+                           mesh: jax.sharding.Mesh) -> dict:
+    """{"params": the evaluation parameters (the average, if kept), **the model state (e.g. BatchNorm's
+    "batch_stats")} of the latest checkpoint of a run of `task` in `workdir`. `run` holds the run's
+    "trainer" and "optim" configs, which shape its state; None reads them from the checkpoint's metadata
+    (every checkpoint records them), so `task` alone (the run's model) must be known."""
+    workdir = Path(workdir)
+    if run is None:
+        if not (workdir / "checkpoints").is_dir():
+            raise FileNotFoundError(f"{workdir} is not a training workdir: it has no checkpoints/ folder.")
+        manager = ckpt.CheckpointManager(workdir / "checkpoints")
+        try:
+            if manager.latest_step() is None:
+                raise FileNotFoundError(f"{workdir} has no checkpoint yet: train it first.")
+            run = manager.restore_metadata()["config"]
+        finally:
+            manager.close()
+    trainer = Trainer(task, run["trainer"], run["optim"], workdir, mesh=mesh)
+    try:
+        if trainer.restore_if_any(None) == 0:
+            raise FileNotFoundError(f"{workdir} has no checkpoint yet: train it first.")
+        return {"params": trainer.eval_params, **trainer.state.model_state}
+    finally:
+        trainer.close()
+
+
+def restore_eval_params(task: Any, run: Mapping[str, Any] | None, workdir: str | Path, mesh: jax.sharding.Mesh) -> Any:
+    """The evaluation parameters alone of `restore_eval_variables`."""
+    return restore_eval_variables(task, run, workdir, mesh)["params"]

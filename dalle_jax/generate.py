@@ -29,7 +29,7 @@ from common import sharding
 from common.images import save_image_grid
 from common.metrics import configure_logging
 from common.tokenizers.sentencepiece import SentencePieceTokenizer
-from common.trainer import Trainer
+from common.trainer import restore_eval_params
 from dalle_jax.api import decode_to_images
 from dalle_jax.dvae import DVAE, DVAEConfig
 from dalle_jax.dvae_train import DVAETask, LossConfig
@@ -50,24 +50,6 @@ class TrainedDALLE:
     tokenizer: SentencePieceTokenizer
     dvae_config: DVAEConfig
     dvae_decoder: Any
-
-
-def restore_eval_variables(task: Any, run: dict, workdir: str | os.PathLike, mesh: jax.sharding.Mesh) -> dict:
-    """{"params": the evaluation parameters (the average, if kept), **the model state (e.g. BatchNorm's
-    "batch_stats")} of the latest checkpoint of a run of `task` in `workdir`; `run` holds the run's
-    "trainer" and "optim" configs, which shape its state."""
-    trainer = Trainer(task, run["trainer"], run["optim"], workdir, mesh=mesh)
-    try:
-        if trainer.restore_if_any(None) == 0:
-            raise FileNotFoundError(f"{workdir} has no checkpoint yet: train it first.")
-        return {"params": trainer.eval_params, **trainer.state.model_state}
-    finally:
-        trainer.close()
-
-
-def restore_eval_params(task: Any, run: dict, workdir: str | os.PathLike, mesh: jax.sharding.Mesh) -> Any:
-    """The evaluation parameters alone of `restore_eval_variables`."""
-    return restore_eval_variables(task, run, workdir, mesh)["params"]
 
 
 def load_run(workdir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> TrainedDALLE:

@@ -41,12 +41,8 @@ from clip_jax.api import CLIPBundle
 from common import sharding
 from common.data import shapes
 from common.metrics import configure_logging, progress_bar
-from dalle_jax.generate import (
-    generate,
-    load_run,
-    restore_eval_params,
-    restore_eval_variables,
-)
+from common.trainer import restore_eval_params, restore_eval_variables
+from dalle_jax.generate import generate, load_run
 from experiments import demo_judge, demo_report, train_clip, train_dalle, train_dvae
 
 log = logging.getLogger("demo")

@@ -22,10 +22,11 @@ from clip_jax import finetune, linear_probe, retrieval, weights, zeroshot
 from clip_jax.api import CLIPBundle
 from clip_jax.train import CLIPTask, clip_transform
 from clip_jax.variants import CLIPConfig, decode_variant
+from common import checkpoint as ckpt
 from common import sharding
 from common.config import compute_dtype
 from common.data import pipeline, shapes, sources
-from common.trainer import Evaluator, Trainer
+from common.trainer import Evaluator, Trainer, restore_eval_variables
 from experiments.driver import fit_and_report
 
 EXPORT_FILE = "clip_openai.safetensors"  # written at the end of a run when config.export_openai is set
@@ -66,6 +67,17 @@ def optim_config(config: Any, task: CLIPTask) -> dict[str, Any]:
     return {**config.optim.to_dict(), "frozen": task.frozen}
 
 
+def run_variables(workdir: str | Path, task: CLIPTask, mesh: jax.sharding.Mesh) -> dict:
+    """The evaluation variables of the latest checkpoint of a CLIP training run in `workdir`, which must
+    have trained `task`'s model (its optimizer settings are read from the checkpoint)."""
+    try:
+        return restore_eval_variables(task, None, workdir, mesh)
+    except ckpt.CheckpointMismatchError as err:
+        raise ValueError(f"init_from={workdir} is a training run of another model than this one ({err}). A "
+                         "run's checkpoints start runs of the same model; for another image size or context "
+                         "length, start from its export (export_openai=True writes clip_openai.safetensors).") from None
+
+
 def make_trainer(config: Any, task: CLIPTask, workdir: Path, mesh: jax.sharding.Mesh) -> Trainer:
     """The trainer of `task`; a fresh run (no checkpoint in workdir: resuming wins) starts from
     `config.init_from` weights (`config.init_from_tower`: "both", "image" or "text") when given."""
@@ -73,7 +85,10 @@ def make_trainer(config: Any, task: CLIPTask, workdir: Path, mesh: jax.sharding.
     path = config.get("init_from")
     if path and trainer.checkpoints.latest_step() is None:
         tower = config.get("init_from_tower", "both")
-        variables = finetune.load_pretrained(path, task.config, tower=tower, scan_layers=task.model.scan_layers)
+        if (Path(path) / "checkpoints").is_dir():  # a training workdir: its latest checkpoint, same model
+            variables = jax.device_get(run_variables(path, task, mesh))
+        else:
+            variables = finetune.load_pretrained(path, task.config, tower=tower, scan_layers=task.model.scan_layers)
         state, shardings = trainer.state, trainer.state_shardings
         params, model_state = finetune.place_pretrained(variables, state.params, state.model_state, shardings.params,
                                                         shardings.model_state, tower=tower)

@@ -37,7 +37,8 @@ from dalle_jax.api import decode_to_images
 from dalle_jax.dvae import DVAEConfig
 from dalle_jax.dvae_train import dvae_transform
 from dalle_jax.encode import dvae_encoder, write_code_shards
-from dalle_jax.generate import RUN_FILE, restore_eval_params
+from common.trainer import restore_eval_params
+from dalle_jax.generate import RUN_FILE
 from dalle_jax.sample import sample_image_tokens
 from dalle_jax.train import DALLETask
 from dalle_jax.variants import DALLEConfig, decode_variant

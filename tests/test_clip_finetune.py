@@ -118,6 +118,24 @@ def test_init_from_at_another_size_starts_at_its_logits_sharded_and_resume_wins(
     again.close()
 
 
+def test_init_from_a_training_workdir_starts_from_its_latest_checkpoint(tmp_path, smoke_export):
+    """init_from=<a run's workdir>: that run's latest parameters, whatever its optimizer was (read from the
+    checkpoint), placed on this run's mesh; a workdir of another model is refused with a clear error."""
+    config = _config(init_from=str(smoke_export.parent))  # the smoke run that wrote the export
+    config.optim.update(learning_rate=1e-4, accum_steps=2)  # another optimizer state (MultiSteps)
+    config.trainer.update(total_steps=4, mesh="data_parallel")
+    _, trainer = _trainer(config, tmp_path / "run")
+    want = _leaves(convert.to_scanned(clip_jax.load(smoke_export, **HEADS).variables)["params"])
+    got = _leaves(trainer.state.params)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    trainer.close()
+    config.model.text.layers = 3
+    with pytest.raises(ValueError, match="is a training run of another model"):
+        _trainer(config, tmp_path / "other")
+
+
 def test_init_from_a_checkpoint_of_another_architecture_is_refused(smoke_export):
     config = _config()
     config.model.text.layers = 3

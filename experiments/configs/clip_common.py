@@ -10,7 +10,8 @@ run reached 62.96% zero-shot ImageNet top-1 there (OpenAI: 63.2%).
 data: a 2-layer tower of the same family, 32px images, 16-token captions.
 
 Fine-tuning (clip_jax/finetune.py): `init_from` starts from any checkpoint
-clip_jax.load reads, resized to this run's image size and context length;
+clip_jax.load reads, resized to this run's image size and context length, or
+from the latest checkpoint of a training workdir of the same model;
 `lock_image` / `lock_text` freeze towers (LiT), optionally but their last
 groups. `model.patch_dropout` trains on a random subset of patches (FLIP).
 """
@@ -44,7 +45,7 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
     c.model.vision = ml_collections.ConfigDict(dict(image_size=placeholder(int)))  # e.g. 336 to fine-tune at a higher resolution
     c.model.text = ml_collections.ConfigDict(dict(context_length=placeholder(int)))  # tokens per caption (tokenizer follows)
 
-    c.init_from = placeholder(str)  # a checkpoint clip_jax.load reads (OpenAI .pt, open_clip, HF dir, our exports); resume wins
+    c.init_from = placeholder(str)  # a checkpoint clip_jax.load reads (OpenAI .pt, open_clip, HF dir, our exports) or a run's workdir; resume wins
     c.init_from_tower = "both"  # "both", "image" or "text": the other tower keeps its fresh initialisation
     c.lock_image = False  # freeze the image tower (LiT); ResNets also keep their BatchNorm statistics
     c.lock_image_unlocked_groups = 0  # ... but its last N groups (open_clip's --lock-image-unlocked-groups)
