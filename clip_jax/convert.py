@@ -130,13 +130,18 @@ def _openai_transformer(prefix: str, path: Path, layers: int, heads: int) -> lis
     return rules
 
 
+def check_openai_layout(cfg: CLIPConfig) -> None:
+    """Raises ValueError when `cfg` has no OpenAI clip/model.py equivalent (a ResNet stem_stride other than 4)."""
+    if cfg.vision.is_resnet and cfg.vision.stem_stride != 4:
+        raise ValueError(f"OpenAI's ModifiedResNet has a stride-4 stem; this model's stem_stride is "
+                         f"{cfg.vision.stem_stride}, so its weights have no OpenAI layout")
+
+
 def _openai_rules(cfg: CLIPConfig) -> list[_Rule]:
     vision, text = cfg.vision, cfg.text
     visual: Path = ("params", "visual")
     rules: list[_Rule] = []
-    if vision.is_resnet and vision.stem_stride != 4:
-        raise ValueError(f"OpenAI's ModifiedResNet has a stride-4 stem; this model's stem_stride is "
-                         f"{vision.stem_stride}, so its weights have no OpenAI layout")
+    check_openai_layout(cfg)
     if vision.is_resnet:
         for i in (1, 2, 3):
             rules += _conv_bn(f"visual.conv{i}.weight", f"visual.bn{i}", visual + (f"conv{i}",))

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from clip_jax import finetune, linear_probe, retrieval, weights, zeroshot
+from clip_jax import convert, finetune, linear_probe, retrieval, weights, zeroshot
 from clip_jax.api import CLIPBundle
 from clip_jax.train import CLIPTask, clip_transform
 from clip_jax.variants import CLIPConfig, decode_variant
@@ -163,6 +163,8 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.trainer.mesh)
     task = make_task(config, mesh)
+    if config.get("export_openai"):
+        convert.check_openai_layout(task.config)  # before training, not after it
     trainer = make_trainer(config, task, workdir, mesh)
     cfg = task.config
     sizes = dict(global_batch_size=trainer.cfg.global_batch_size, image_size=cfg.vision.image_size,

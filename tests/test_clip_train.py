@@ -126,3 +126,16 @@ def test_resnet_batchnorm_trains_synchronised(tmp_path):
     out = jax.eval_shape(lambda v, b: frozen.loss(v["params"], {"batch_stats": v["batch_stats"]}, b, None, 0)[2],
                          variables, batch)
     assert out is None
+
+
+def test_a_run_whose_export_cannot_be_written_fails_before_training(tmp_path):
+    """export_openai with a ResNet stem OpenAI's layout lacks (stem_stride 2) is refused at the start, not
+    after the training it would end."""
+    from experiments.configs.clip_rn50 import get_config as rn50_config
+
+    config = rn50_config("smoke")
+    config.model.vision.stem_stride = 2
+    assert config.export_openai
+    with pytest.raises(ValueError, match="stride-4 stem; this model's stem_stride is 2"):
+        run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -43,6 +43,8 @@ def get_clip_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
     c.model.patch_dropout_until_step = placeholder(int)  # after this many optimizer steps train on all patches (None: never)
     # Overrides of VisionConfig / TextConfig fields (smoke runs); None (placeholders) keeps the variant's value.
     c.model.vision = ml_collections.ConfigDict(dict(image_size=placeholder(int)))  # e.g. 336 to fine-tune at a higher resolution
+    if is_resnet:
+        c.model.vision.stem_stride = placeholder(int)  # 4: OpenAI's stem; 2 or 1 keep small images' resolution
     c.model.text = ml_collections.ConfigDict(dict(context_length=placeholder(int)))  # tokens per caption (tokenizer follows)
 
     c.init_from = placeholder(str)  # a checkpoint clip_jax.load reads (OpenAI .pt, open_clip, HF dir, our exports) or a run's workdir; resume wins
