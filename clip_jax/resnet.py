@@ -157,7 +157,7 @@ class ModifiedResNet(nn.Module):
         )
         x = images.astype(self.dtype)
         conv1_stride = 2 if cfg.stem_stride == 4 else 1
-        x = nn.relu(conv_bn(width // 2, "conv1", stride=conv1_stride, rgb_input=True)(x))  # (B, H/2, W/2, width/2)
+        x = nn.relu(conv_bn(width // 2, "conv1", stride=conv1_stride, rgb_input=True)(x))  # (B, H/2, W/2, width/2) at 4
         x = nn.relu(conv_bn(width // 2, "conv2")(x))
         x = nn.relu(conv_bn(width, "conv3")(x))
         x = _avg_pool(x, min(cfg.stem_stride, 2))  # (B, H/4, W/4, width) with OpenAI's stem_stride 4
