@@ -51,11 +51,27 @@ def test_clip_memory_plan_command_prints_a_table_and_remat_shrinks_the_temporari
                                                                                    fsdp_plan):
     monkeypatch.setattr(memory_plan, "decode_variant", lambda name: TINY)
     rows = memory_plan.main(["--variant", "tiny", "--global-batch", str(BATCH), "--devices", str(n_devices),
-                             "--remat", "on", "--dtype", "float32", "--mesh", "fsdp", "data_parallel"])
+                             "--remat", "on", "--dtype", "float32"])
     out = capsys.readouterr().out
-    assert [r["mesh"]["fsdp"] for r in rows] == [8, 1] and all(r["remat"] for r in rows)
-    assert "| data=1,fsdp=8,tensor=1 | 8 (cpu) | on |" in out and "| data=8,fsdp=1,tensor=1 | 8 (cpu) | on |" in out
+    assert len(rows) == 1 and rows[0]["remat"] and "| data=1,fsdp=8,tensor=1 | 8 (cpu) | on |" in out
     assert rows[0]["temporaries"] < fsdp_plan["temporaries"] and rows[0]["arguments"] == fsdp_plan["arguments"]
-    assert rows[1]["params"] > rows[0]["params"]  # replicated vs split over 8 devices
     with pytest.raises(SystemExit):  # 60 rows do not split over 8 devices (--batch: --global-batch's alias)
         memory_plan.main(["--variant", "tiny", "--batch", "60", "--devices", str(n_devices)])
+
+
+def test_clip_memory_plan_plans_every_mesh_and_remat_setting(monkeypatch, n_devices):
+    """--mesh takes several presets (--meshes too, as dalle_jax.memory_plan spells it): one plan per mesh and
+    remat setting, each with the global batch asked for (plan itself: the tests above)."""
+    calls = []
+
+    def fake_plan(config, *, global_batch, mesh, remat, dtype):
+        calls.append((dict(mesh.shape), global_batch, remat))
+        return {"mesh": dict(mesh.shape), "devices": mesh.size, "platform": "cpu", "remat": remat,
+                **{c: 0 for c in memory_plan.COLUMNS}}
+
+    monkeypatch.setattr(memory_plan, "decode_variant", lambda name: TINY)
+    monkeypatch.setattr(memory_plan, "plan", fake_plan)
+    memory_plan.main(["--variant", "tiny", "--batch", "16", "--devices", str(n_devices), "--meshes", "fsdp",
+                      "data_parallel"])
+    assert [(m["fsdp"], m["data"], batch, remat) for m, batch, remat in calls] == [
+        (8, 1, 16, False), (8, 1, 16, True), (1, 8, 16, False), (1, 8, 16, True)]
