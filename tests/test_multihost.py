@@ -185,14 +185,14 @@ def test_readme_two_process_command_runs_clip_to_its_summary(tmp_path):
             pytest.fail(f"the README's command timed out after {README_TIMEOUT_S} s:\n{_tail(log_path)}")
     output = log_path.read_text(errors="replace")
     # Both processes print the summary when they finish; process 0 writes it.
-    assert output.count('"steps": 50') == 2, _tail(log_path)
+    assert output.count('"steps": 20') == 2, _tail(log_path)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 50 and summary["mesh"]["fsdp"] == 8 and not summary["preempted"]
+    assert summary["steps"] == 20 and summary["mesh"]["fsdp"] == 8 and not summary["preempted"]
     for split in ("shapes_validation", "shapes_heldout"):
-        assert summary[split]["step"] == 50
+        assert summary[split]["step"] == 20
         assert 0.0 <= summary[split]["zeroshot_color_top1"] <= 1.0, summary[split]
         assert 0.0 <= summary[split]["retrieval_image_to_text_R@1"] <= 1.0, summary[split]
     saved = ckpt.CheckpointManager(tmp_path / "run" / "checkpoints")
-    assert saved.latest_step() == 50
-    assert len(saved.restore_metadata(50)["data_state"]) == N_PROCESSES
+    assert saved.latest_step() == 20
+    assert len(saved.restore_metadata(20)["data_state"]) == N_PROCESSES
     saved.close()
