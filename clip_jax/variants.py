@@ -94,16 +94,10 @@ class TextConfig:
     vocab_size: int = 49408
     mlp_ratio: float = 4.0
     act: Activation = "quick_gelu"
-    stem_stride: int = 4
 
     def __post_init__(self):
         _check_heads(self.width, self.heads, "text width")
         _check_act(self.act)
-
-    @property
-    def total_stride(self) -> int:
-        """Input pixels per output position: a ResNet's stem times its three 2x stages; a ViT's patch size."""
-        return 8 * self.stem_stride if self.is_resnet else self.patch_size
 
     @property
     def mlp_dim(self) -> int:

@@ -118,6 +118,8 @@ def test_configs_reject_inconsistent_sizes():
         VisionConfig(64, (1, 1, 1, 1), 16, 8, stem_stride=3)
     with pytest.raises(ValueError, match="stem_stride is a ModifiedResNet setting"):
         VisionConfig(32, 2, 64, 4, patch_size=8, stem_stride=2)
+    with pytest.raises(TypeError, match="stem_stride"):  # an image-tower setting only
+        TextConfig(32, 2, 2, stem_stride=2)
 
 
 @pytest.mark.parametrize("name", OPENAI_VARIANTS)
