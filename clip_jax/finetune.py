@@ -132,7 +132,9 @@ def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
 
 
 def _place(target: Any, shardings: Any, host: Any, where: str) -> Any:
-    """`host` (numpy, shaped like `target`) as arrays with `shardings`; a leaf at a time, each device its shard."""
+    """`host` (numpy, or jax arrays, e.g. a run's restored state; shaped like `target`) as arrays with
+    `shardings`; a leaf at a time, each device its shard. A jax array is resharded on the devices, never
+    gathered to a host (on several hosts its whole value is on none)."""
     def name(path):
         return jax.tree_util.keystr(path, simple=True, separator="/")
 
@@ -148,6 +150,8 @@ def _place(target: Any, shardings: Any, host: Any, where: str) -> Any:
         if value.shape != leaf.shape:
             raise ValueError(f"init_from: {where}{key} has shape {value.shape} in the checkpoint, {leaf.shape} in "
                              "the run.")
+        if isinstance(value, jax.Array):
+            return jax.device_put(value.astype(leaf.dtype), sharding)
         value = np.asarray(value, leaf.dtype)
         return jax.make_array_from_callback(leaf.shape, sharding, lambda index: value[index])
 
@@ -157,7 +161,8 @@ def _place(target: Any, shardings: Any, host: Any, where: str) -> Any:
 def place_pretrained(variables: Mapping, params: Any, model_state: Mapping, params_shardings: Any,
                      model_state_shardings: Mapping, *, tower: str = "both") -> tuple[Any, dict]:
     """(params, model_state) of a train state with `tower`'s parameters (and BatchNorm statistics) replaced by
-    `variables` (`load_pretrained`), placed with the state's shardings; the rest keeps its fresh values."""
+    `variables` (`load_pretrained`, or a run's restored state), placed with the state's shardings; the rest
+    keeps its fresh values."""
     state = {"params": params, **model_state}
     shardings = {"params": params_shardings, **model_state_shardings}
     for path in _subtrees(tower):

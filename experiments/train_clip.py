@@ -86,7 +86,7 @@ def make_trainer(config: Any, task: CLIPTask, workdir: Path, mesh: jax.sharding.
     if path and trainer.checkpoints.latest_step() is None:
         tower = config.get("init_from_tower", "both")
         if (Path(path) / "checkpoints").is_dir():  # a training workdir: its latest checkpoint, same model
-            variables = jax.device_get(run_variables(path, task, mesh))
+            variables = run_variables(path, task, mesh)  # sharded on this mesh already
         else:
             variables = finetune.load_pretrained(path, task.config, tower=tower, scan_layers=task.model.scan_layers)
         state, shardings = trainer.state, trainer.state_shardings

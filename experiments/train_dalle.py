@@ -32,12 +32,11 @@ from common.data.sources import ArrayRecordSource, ShapesSource, source_from_con
 from common.data.transforms import Compose, Select, Tokenize
 from common.images import save_image_grid
 from common.tokenizers.sentencepiece import SentencePieceTokenizer, train_bpe
-from common.trainer import Evaluator, Trainer
+from common.trainer import Evaluator, Trainer, restore_eval_params
 from dalle_jax.api import decode_to_images
 from dalle_jax.dvae import DVAEConfig
 from dalle_jax.dvae_train import dvae_transform
 from dalle_jax.encode import dvae_encoder, write_code_shards
-from common.trainer import restore_eval_params
 from dalle_jax.generate import RUN_FILE
 from dalle_jax.sample import sample_image_tokens
 from dalle_jax.train import DALLETask

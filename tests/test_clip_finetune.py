@@ -130,6 +130,8 @@ def test_init_from_a_training_workdir_starts_from_its_latest_checkpoint(tmp_path
     assert got.keys() == want.keys()
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+    kernel = trainer.state.params["text"]["token_embedding"]["embedding"]  # placed with the run's shardings
+    assert kernel.sharding == trainer.state_shardings.params["text"]["token_embedding"]["embedding"]
     trainer.close()
     config.model.text.layers = 3
     with pytest.raises(ValueError, match="is a training run of another model"):
