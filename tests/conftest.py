@@ -13,6 +13,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# One persistent XLA cache for the whole run, shared by the xdist workers and by the command-line runs
+# the tests start in their own processes (all inherit the environment): the suite compiles the same
+# small train steps, samplers and encoders for the same meshes in many tests, and only the first pays.
+# The controller makes the directory before it starts the workers and removes it at exit; a cache set
+# by the caller is used as it is. The key covers the program, devices, flags and jax version.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="clip-dalle-jax-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import pytest  # noqa: E402
 
 pytest_plugins = ["tests.helpers.pipeline_cases"]  # the data-pipeline tests' shapes records and builder
@@ -27,22 +42,8 @@ def n_devices():
     return n
 
 
-_CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache for one test module's runs: its smoke runs (and command-line ones, in
-    their own processes) compile the same steps, so only the first pays for compiling them."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    path = str(tmp_path_factory.mktemp("xla_cache"))
-    saved = {name: getattr(jax.config, name) for name in ("jax_compilation_cache_dir", *_CACHE_OPTIONS)}
-    for name, value in {"jax_compilation_cache_dir": path, **_CACHE_OPTIONS}.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # the cache is set up once per process: make it see the new dir
-    yield path
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+@pytest.fixture(scope="session")
+def compile_cache():
+    """The suite's persistent XLA cache directory (set up above; command-line runs in their own
+    processes inherit it through the environment)."""
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
