@@ -107,6 +107,26 @@ def test_loss_is_scaled_elbo_and_trains_the_encoder():
     assert float(encoder_grad) > 0  # gradients reach the encoder through the relaxed codes
 
 
+def test_usage_term_adds_the_batch_mean_code_distributions_kl_to_uniform():
+    """usage_weight (not in the paper) adds w * KL(mean over batch and positions of q || uniform); 0 adds nothing."""
+    model = DVAE(DVAEConfig(group_count=2, n_hid=8, n_blk_per_group=1, vocab_size=16, n_init=8))
+    images = jnp.asarray(np.random.default_rng(1).random((3, 8, 8, 3), dtype=np.float32))
+    rng = jax.random.key(0, impl="rbg")
+    params = nn.meta.unbox(model.init({"params": rng, "gumbel": rng}, images, 1.0)["params"])
+    losses = {w: dvae_loss(params, images, rng, jnp.asarray(0), model=model, loss_cfg=LossConfig(usage_weight=w))
+              for w in (0.0, 0.5)}
+    logits = np.asarray(model.apply({"params": params}, map_pixels(images), method=DVAE.encode), np.float64)
+    q = np.exp(logits - logits.max(-1, keepdims=True))
+    mean_q = (q / q.sum(-1, keepdims=True)).reshape(-1, 16).mean(0)  # (16,) over 3 images x 4 x 4 positions
+    usage_kl = float(np.sum(mean_q * np.log(mean_q * 16)))
+    assert usage_kl > 1e-3  # a random encoder's codes are not spread evenly: the term is not trivially 0
+    assert float(losses[0.5][0]) == pytest.approx(float(losses[0.0][0]) + 0.5 * usage_kl, rel=1e-5)
+    for _, metrics in losses.values():
+        assert float(metrics["usage_perplexity"]) == pytest.approx(16 * math.exp(-usage_kl), rel=1e-5)
+    with pytest.raises(ValueError, match="usage_weight >= 0"):
+        LossConfig(usage_weight=-0.1)
+
+
 def test_task_schedules_follow_the_update_count():
     """The trainer hands the loss its count of optimizer updates (common/trainer.py: under gradient
     accumulation several steps share one); the annealing schedules follow it."""

@@ -42,6 +42,7 @@ def get_config(arg: str = "openai") -> ml_collections.ConfigDict:
     c.loss.temperature_steps = 150_000  # annealing length
     c.loss.temperature_schedule = "cosine"  # "cosine", "exponential" or "linear" (linear diverged in the paper)
     c.loss.straight_through = False  # hard codes forward, relaxed gradients back; the paper is fully relaxed
+    c.loss.usage_weight = 0.0  # not in the paper: KL(batch-mean code distribution || uniform), keeps codes alive
 
     c.trainer = ml_collections.ConfigDict()  # common.trainer.TrainerConfig
     c.trainer.global_batch_size = 512  # 64 GPUs x 8 in the paper
