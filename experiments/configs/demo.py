@@ -46,7 +46,10 @@ def clip_config(arg: str) -> ml_collections.ConfigDict:
 def dvae_config(arg: str) -> ml_collections.ConfigDict:
     c = dvae.get_config("smoke")
     c.model.update(n_hid=64, vocab_size=512)
-    c.loss.update(temperature_steps=640, temperature_end=1 / 16)
+    # usage_weight: the codebook's use, not in the paper. Measured at these 800 steps (1,000 validation images):
+    # 0 -> PSNR 22.3 dB, perplexity 16, 480 of 512 codes dead; 0.1 -> 23.5 dB, 48, 383 dead; 0.3 -> 23.4 dB,
+    # 84, 236 dead; 1.0 -> 17.1 dB (reconstruction gives way).
+    c.loss.update(temperature_steps=640, temperature_end=1 / 16, usage_weight=0.1)
     c.trainer.update(total_steps=800, checkpoint_every=200, eval_every=0, log_every=50)
     c.optim.total_steps = c.trainer.get_ref("total_steps")
     c.data.num_examples = 20_000
