@@ -40,10 +40,3 @@ def n_devices():
     n = len(jax.devices())
     assert n == 8, f"expected 8 simulated devices, found {n}: was jax imported before conftest.py?"
     return n
-
-
-@pytest.fixture(scope="session")
-def compile_cache():
-    """The suite's persistent XLA cache directory (set up above; command-line runs in their own
-    processes inherit it through the environment)."""
-    return os.environ["JAX_COMPILATION_CACHE_DIR"]

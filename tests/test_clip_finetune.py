@@ -28,7 +28,6 @@ from experiments.train_clip import (
     run,
 )
 
-pytestmark = pytest.mark.usefixtures("compile_cache")
 HEADS = {"vision_heads": 2, "text_heads": 2}  # the tiny model's heads, which OpenAI-format weights do not record
 
 

@@ -24,7 +24,7 @@ def test_caption_dropout_empties_whole_captions_at_the_rate():
     assert abs(dropped.mean() - 0.1) < 0.01
 
 
-def test_smoke_recipe_trains_resumes_samples_and_generates(compile_cache, tmp_path):
+def test_smoke_recipe_trains_resumes_samples_and_generates(tmp_path):
     """One command trains the dVAE, tokenizer and transformer; generate restores all three from the workdir."""
     config = dalle_configs.get_config("smoke")
     config.dvae.total_steps = 10
@@ -108,7 +108,7 @@ class _CodesData:
         self.position = int(state["position"])
 
 
-def test_dalle_trains_sharded_like_data_parallel_and_resumes(compile_cache, tmp_path):
+def test_dalle_trains_sharded_like_data_parallel_and_resumes(tmp_path):
     """The transformer's weights split over 8 devices (fsdp x tensor) train like replicated data
     parallelism, and a sharded run resumed from its checkpoint continues the same losses."""
     from common import sharding

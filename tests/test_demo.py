@@ -20,7 +20,7 @@ REQUIRED = ("zeroshot_color_top1", "zeroshot_shape_top1", "retrieval_image_to_te
 
 
 @pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory, compile_cache):
+def tiny_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     return workdir, demo.run(get_config("tiny"), workdir)
 

@@ -160,7 +160,7 @@ def test_batches_hold_the_exact_source_pixels():
     assert batches.get_state()["batches"] == 2
 
 
-def test_training_through_the_trainer_improves_reconstructions(compile_cache, tmp_path):
+def test_training_through_the_trainer_improves_reconstructions(tmp_path):
     untrained = train(smoke_config(**{"trainer.total_steps": 0}), tmp_path / "untrained")["eval"]
     config = smoke_config(**{"trainer.total_steps": 120, "trainer.eval_every": 60})
     summary = train(config, tmp_path / "run")
@@ -187,17 +187,16 @@ def _final_state(config, workdir):
     return state
 
 
-def test_command_line_run_resumes_bitwise(compile_cache, tmp_path):
+def test_command_line_run_resumes_bitwise(tmp_path):
     """`experiments.run` trains 5 steps and exits; the same config with 8 steps resumes from its
     checkpoint (train state, data position) and ends bitwise where an uninterrupted 8-step run does."""
     overrides = {**SMOKE_OVERRIDES, "trainer.total_steps": 5, "trainer.log_every": 1}
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cmd = [sys.executable, "-m", "experiments.run", "--config", "experiments/configs/dvae.py:smoke",
            "--workdir", str(tmp_path / "resumed"), *(f"--config.{k}={v}" for k, v in overrides.items())]
     config = smoke_config(**{**overrides, "trainer.total_steps": 8})
     straight = train(config, tmp_path / "straight")  # first: it fills the compilation cache
 
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     first = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert first["steps"] == 5 and first["eval"]["psnr"] > 0
@@ -217,7 +216,7 @@ def test_command_line_run_resumes_bitwise(compile_cache, tmp_path):
     assert not np.array_equal(ema, params)
 
 
-def test_smoke_recipe_trains_from_an_image_only_folder(compile_cache, tmp_path):
+def test_smoke_recipe_trains_from_an_image_only_folder(tmp_path):
     """No captions anywhere: the dVAE reads images only, so nothing is skipped for a missing caption."""
     dataset = ShapesDataset("train", 40, ShapesConfig(image_size=32))
     for i in range(len(dataset)):
