@@ -100,14 +100,18 @@ def kl_weight_schedule(cfg: LossConfig) -> Callable[[jax.Array], jax.Array]:
 
 def kl_to_uniform(logits: jax.Array) -> jax.Array:
     """KL(softmax(logits) || uniform) per position, (..., vocab) -> (...): ln K - H(q)."""
-    log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.sum(jnp.exp(log_q) * log_q, axis=-1) + math.log(logits.shape[-1])
+    return _kl_to_uniform(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
 
 
-def _mean_log_probs(logits: jax.Array) -> jax.Array:
-    """(..., vocab) logits -> (vocab,) log of the mean of their softmax distributions."""
-    log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(-1, logits.shape[-1])
-    return jax.nn.logsumexp(log_q, axis=0) - math.log(log_q.shape[0])
+def _kl_to_uniform(log_q: jax.Array) -> jax.Array:
+    """`kl_to_uniform` of normalised log-probabilities (..., vocab)."""
+    return jnp.sum(jnp.exp(log_q) * log_q, axis=-1) + math.log(log_q.shape[-1])
+
+
+def _log_mean_probs(log_q: jax.Array) -> jax.Array:
+    """(..., vocab) normalised log-probabilities -> (vocab,) log of their mean distribution."""
+    flat = log_q.reshape(-1, log_q.shape[-1])
+    return jax.nn.logsumexp(flat, axis=0) - math.log(flat.shape[0])
 
 
 def dvae_loss(
@@ -120,8 +124,9 @@ def dvae_loss(
     logits, stats = model.apply(variables, x, temperature, hard=loss_cfg.straight_through, rngs={"gumbel": rng})
     dims = math.prod(images.shape[1:])
     nll = logit_laplace_nll(x, stats).sum(axis=(1, 2, 3))  # (B,)
-    kl = kl_to_uniform(logits).sum(axis=(1, 2))  # (B,)
-    usage_kl = kl_to_uniform(_mean_log_probs(logits))  # KL(mean q || uniform) over the whole (global) batch
+    log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (B, h, w, vocab), once for both KL terms
+    kl = _kl_to_uniform(log_q).sum(axis=(1, 2))  # (B,)
+    usage_kl = _kl_to_uniform(_log_mean_probs(log_q))  # KL(mean q || uniform) over the whole (global) batch
     loss = jnp.mean(nll + beta * kl) / dims + loss_cfg.usage_weight * usage_kl
     metrics = dict(
         loss=loss, nll_per_dim=jnp.mean(nll) / dims, kl_per_image=jnp.mean(kl), temperature=temperature, kl_weight=beta,
