@@ -88,16 +88,21 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
         output, or concrete arrays); Python / NumPy scalars are allowed and
         take JAX's default dtype (as `jax.eval_shape` would give them).
       shardings: one `jax.sharding.Sharding` for every leaf, or a pytree of
-        shardings with the structure of `tree`.
+        shardings whose structure is a prefix of `tree`'s (as jit's
+        `out_shardings`): a sharding stands for every leaf below it, also for
+        none, as in an empty optimizer-state node of a frozen parameter.
     """
     def leaf(x, sharding):
         if not hasattr(x, "shape"):
             x = _as_array(x)
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
+    def subtree(sharding, sub):
+        return jax.tree.map(lambda x: leaf(x, sharding), sub)
+
     if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: leaf(x, shardings), tree)
-    return jax.tree.map(leaf, tree, shardings)
+        return subtree(shardings, tree)
+    return jax.tree.map(subtree, shardings, tree)
 
 
 class CheckpointManager:

@@ -210,11 +210,12 @@ def init_sharded(
     device, so a model larger than one device's memory can still be created.
     The logical boxes are removed from the result.
     """
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = logical_to_shardings(abstract, mesh, rules)
-    # No mesh context here: out_shardings alone place the result, and flax
-    # would otherwise constrain DenseGeneral kernels in their flattened shape.
-    tree = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    # Outside any mesh context (also when called inside `use_mesh`): out_shardings alone place the
+    # result, and flax would otherwise constrain DenseGeneral kernels in their flattened shape.
+    with jax.set_mesh(None):
+        abstract = jax.eval_shape(init_fn, *args)
+        shardings = logical_to_shardings(abstract, mesh, rules)
+        tree = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return tree, shardings
 
 

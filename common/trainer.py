@@ -199,8 +199,11 @@ class Trainer:
         self.mesh = mesh
         sharding.check_batch_divisible(self.cfg.global_batch_size, self.mesh)
         self.tx = optim.make_optimizer(self.optim_cfg)
-        self.state, self.state_shardings = init_state(task, self.tx, self.cfg.seed, self.mesh,
-                                                      ema=self.cfg.ema_decay > 0)
+        # Shapes and shardings only: the random init runs on first use of `state`, so a run that resumes
+        # (or restores for evaluation) never compiles, runs or holds the memory of an init it overwrites.
+        self._abstract_state, self.state_shardings = abstract_train_state(task, self.tx, self.mesh,
+                                                                          ema=self.cfg.ema_decay > 0)
+        self._state: TrainState | None = None
         self.checkpoints = ckpt.CheckpointManager(
             self.workdir / "checkpoints",
             max_to_keep=self.cfg.keep_checkpoints,
@@ -209,6 +212,17 @@ class Trainer:
         )
         self._train_step = None
         self._eval_step = None
+
+    @property
+    def state(self) -> TrainState:
+        """The sharded train state: the checkpoint's once restored, else the seed's init (made on first use)."""
+        if self._state is None:
+            self._state, _ = init_state(self.task, self.tx, self.cfg.seed, self.mesh, ema=self.cfg.ema_decay > 0)
+        return self._state
+
+    @state.setter
+    def state(self, value: TrainState) -> None:
+        self._state = value
 
     # -- compiled steps -------------------------------------------------------
     def _batch_shardings(self, batch: Batch) -> Any:
@@ -242,8 +256,8 @@ class Trainer:
         if self.checkpoints.latest_step() is None:
             return 0, {}
         # The arrays are read straight into this run's shardings, whatever mesh wrote them.
-        target = ckpt.abstract_like(self.state, self.state_shardings)
-        self.state, meta = self.checkpoints.restore(target=target, fall_back=self.cfg.fallback_to_previous_checkpoint)
+        self.state, meta = self.checkpoints.restore(target=self._abstract_state,
+                                                    fall_back=self.cfg.fallback_to_previous_checkpoint)
         step = int(jax.device_get(self.state.step))
         saved, now = meta.get("layout"), self._layout()
         if saved is not None and saved != now:

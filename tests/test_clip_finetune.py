@@ -309,6 +309,15 @@ def test_lit_locked_resnet_keeps_its_batchnorm_statistics(tmp_path):
     assert any(name.startswith("batch_stats/") for name in before)
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
+    # Resuming: the frozen tower's empty optimizer-state nodes restore too.
+    config.trainer.total_steps = 3
+    _, trainer = _trainer(config, tmp_path / "run")
+    resumed = trainer.fit(make_pipeline(config.data, global_batch_size=8, image_size=32, context_length=16, seed=0))
+    trainer.close()
+    assert resumed.step == 3 and len(resumed.history) == 1
+    after = _leaves({"params": resumed.state.params["visual"], **resumed.state.model_state})
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
 
 
 def test_context_length_is_configurable_at_full_scale():

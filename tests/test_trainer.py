@@ -13,7 +13,8 @@ import pytest
 
 from common import sharding
 from common.metrics import read_jsonl
-from common.trainer import NonFiniteError, Trainer, TrainerConfig
+from common import trainer as trainer_lib
+from common.trainer import NonFiniteError, Trainer, TrainerConfig, restore_eval_variables
 from tests.toy_task import RegressionData, RegressionTask
 
 OPTIM = {"learning_rate": 1e-2, "warmup_steps": 2, "total_steps": 40, "weight_decay": 1e-4, "b2": 0.99}
@@ -47,6 +48,31 @@ def test_trainer_learns_and_logs(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert trainer.checkpoints.all_steps() == [20, 30, 40]
     trainer.close()
+
+
+def test_resume_and_restore_for_evaluation_never_run_the_random_init(tmp_path, monkeypatch):
+    """A resumed run's state comes from the checkpoint alone: no init is compiled, run or held beside it."""
+    first = _trainer(tmp_path, steps=10)
+    first.fit(RegressionData(16))
+    saved = jax.device_get(first.state.params)
+    first.close()
+
+    def must_not_init(*args, **kwargs):
+        raise AssertionError("the random init ran although a checkpoint was restored")
+
+    monkeypatch.setattr(trainer_lib, "init_state", must_not_init)
+    variables = restore_eval_variables(RegressionTask(), None, tmp_path, sharding.make_mesh("data_parallel"))
+    restored = jax.tree_util.tree_leaves_with_path(jax.device_get(variables["params"]))
+    assert len(restored) == len(jax.tree.leaves(saved))
+    for (path, value), want in zip(restored, jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(value, want, err_msg=jax.tree_util.keystr(path))
+    resumed = _trainer(tmp_path, steps=20)
+    assert resumed.fit(RegressionData(16)).step == 20
+    resumed.close()
+    monkeypatch.undo()
+    fresh = _trainer(tmp_path / "fresh", steps=0)  # no checkpoint: the seed's init, on first use
+    assert int(fresh.state.step) == 0
+    fresh.close()
 
 
 def test_metrics_evaluator_counts_each_real_row_once(tmp_path):
