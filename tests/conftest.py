@@ -8,6 +8,11 @@ import os
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# The suite compiles hundreds of small programs and runs each only a few steps, so compiling dominates:
+# LLVM's optimisation level 1 (XLA's default is 2) halves the compile time of, e.g., a sharded CLIP init
+# (5.6 -> 2.7 s; its values bitwise the same) and cuts the tiny demo from 121 to 108 s.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never touch the network; make hub libraries fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
