@@ -44,6 +44,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _xla_flags(devices: int) -> str:
+    """A launch's own simulated device count, plus the suite's other XLA flags (conftest.py's compile level)."""
+    others = [f for f in os.environ.get("XLA_FLAGS", "").split()
+              if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([f"--xla_force_host_platform_device_count={devices}", *others])
+
+
 def _tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no output)"
 
@@ -58,7 +65,7 @@ class _Workers:
         self.logs = [logs / f"{leg}_{i}.log" for i in range(processes)]
         env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_VARS)}
         devices = TOTAL_DEVICES // processes
-        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=_xla_flags(devices))
         if processes > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
         cmd = [sys.executable, "-m", "tests.helpers.multihost_worker", "--workdir", str(root / "work"),
@@ -164,14 +171,15 @@ def test_two_processes_train_like_one(tmp_path, start_workers):
 
 
 def test_readme_two_process_command_runs_clip_to_its_summary(tmp_path):
-    """The README's multi-host block, as written (only the port, the workdir and the interpreter are
-    this test's): training, checkpoints and the end-of-training zero-shot evaluation on FSDP-sharded
-    parameters that span both processes' devices."""
+    """The README's multi-host block, as written (only the port, the workdir, the interpreter and the
+    suite's XLA compile level are this test's): training, checkpoints and the end-of-training zero-shot
+    evaluation on FSDP-sharded parameters that span both processes' devices."""
     readme = (REPO / "README.md").read_text()
     block = re.search(r"<!-- tests/test_multihost.py runs this block as it is -->\n```bash\n(.*?)```", readme, re.S)
     assert block, "README.md lost its multi-host block (the marker comment and a bash fence after it)"
     script = (block.group(1).replace("localhost:12355", f"localhost:{_free_port()}")
-              .replace("runs/two_processes", str(tmp_path / "run")).replace(".venv/bin/python", sys.executable))
+              .replace("runs/two_processes", str(tmp_path / "run")).replace(".venv/bin/python", sys.executable)
+              .replace("XLA_FLAGS=--xla_force_host_platform_device_count=4", f"XLA_FLAGS='{_xla_flags(4)}'"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_VARS) and k != "XLA_FLAGS"}
     log_path = tmp_path / "log.txt"
     with open(log_path, "w") as log:
