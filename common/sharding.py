@@ -197,6 +197,24 @@ def logical_to_shardings(
     return jax.tree.map(to_sharding, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def abstract_sharded(
+    init_fn: Callable[..., Any],
+    *args: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES,
+) -> tuple[Any, Any]:
+    """(shapes, shardings) of what `init_fn(*args)` would return, nothing allocated.
+
+    Shapes are `jax.eval_shape`'s `jax.ShapeDtypeStruct`s with the logical boxes
+    removed; shardings come from the logical rules. Traced outside any mesh
+    context (also when called inside `use_mesh`): flax would otherwise
+    constrain DenseGeneral kernels in their flattened shape.
+    """
+    with jax.set_mesh(None):  # unboxing, too, would constrain under a mesh
+        abstract = jax.eval_shape(init_fn, *args)
+        return nn.meta.unbox(abstract), logical_to_shardings(abstract, mesh, rules)
+
+
 def init_sharded(
     init_fn: Callable[..., Any],
     *args: Any,
@@ -205,16 +223,13 @@ def init_sharded(
 ) -> tuple[Any, Any]:
     """Runs `init_fn(*args)` so its outputs are born sharded; returns (tree, shardings).
 
-    Shapes come from `jax.eval_shape` (nothing allocated), shardings from the
-    logical rules; the jitted init then writes each shard straight onto its
-    device, so a model larger than one device's memory can still be created.
-    The logical boxes are removed from the result.
+    Shapes and shardings come from `abstract_sharded` (nothing allocated); the
+    jitted init then writes each shard straight onto its device, so a model
+    larger than one device's memory can still be created. The logical boxes
+    are removed from the result.
     """
-    # Outside any mesh context (also when called inside `use_mesh`): out_shardings alone place the
-    # result, and flax would otherwise constrain DenseGeneral kernels in their flattened shape.
-    with jax.set_mesh(None):
-        abstract = jax.eval_shape(init_fn, *args)
-        shardings = logical_to_shardings(abstract, mesh, rules)
+    _, shardings = abstract_sharded(init_fn, *args, mesh=mesh, rules=rules)
+    with jax.set_mesh(None):  # out_shardings alone place the result (see abstract_sharded)
         tree = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return tree, shardings
 

@@ -142,9 +142,9 @@ def abstract_train_state(task: Task, tx: optax.GradientTransformation, mesh: jax
                          ema: bool = False) -> tuple[TrainState, Any]:
     """(state, shardings) as `init_state` makes them, the state's leaves `jax.ShapeDtypeStruct`s carrying
     their shardings: nothing is allocated (what a memory plan compiles against)."""
-    abstract = jax.eval_shape(functools.partial(create_train_state, task, tx, ema=ema), jax.random.key(0))
-    shardings = sharding.logical_to_shardings(abstract, mesh)
-    return ckpt.abstract_like(flax.linen.meta.unbox(abstract), shardings), shardings
+    abstract, shardings = sharding.abstract_sharded(functools.partial(create_train_state, task, tx, ema=ema),
+                                                    jax.random.key(0), mesh=mesh)
+    return ckpt.abstract_like(abstract, shardings), shardings
 
 
 def jit_train_step(task: Task, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, state_shardings: Any,
