@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.variants import VisionConfig
-from common.layers import Dtype, MultiHeadAttention, partitioned, torch_default_kernel_init
+from common.layers import Dtype, MultiHeadAttention, conv_general_dilated, partitioned, torch_default_kernel_init
 
 EXPANSION = 4  # Bottleneck output channels over `planes`
 
@@ -59,6 +59,7 @@ class _ConvBN(nn.Module):
             ),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv_general_dilated=conv_general_dilated,  # 1x1 convs as matmuls
             name="conv",
         )(x)
         scale_init = nn.initializers.zeros_init() if self.zero_scale else nn.initializers.ones_init()

@@ -1,10 +1,12 @@
-"""Transformer layers shared by every model family (CLIP towers, the DALL·E transformer).
+"""Layers shared by every model family (CLIP towers, the DALL·E transformer, the dVAE).
 
 Mirrors OpenAI clip/model.py: `LayerNorm` (statistics in fp32), `QuickGELU`,
 `ResidualAttentionBlock` (pre-norm attention + MLP) and `Transformer`. Attention follows
 `torch.nn.MultiheadAttention` (biases on q/k/v/out, scores scaled by head_dim ** -0.5) and
 runs through `jax.nn.dot_product_attention`, which keeps the scores and softmax in fp32
-whatever the compute dtype. Masks are boolean, True = may attend.
+whatever the compute dtype. Masks are boolean, True = may attend. `conv_general_dilated` is
+the convolution of the convolutional models (ModifiedResNet, dVAE): pointwise convolutions run as
+matmuls.
 """
 from __future__ import annotations
 
@@ -25,6 +27,41 @@ def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
 def torch_default_kernel_init() -> Callable:
     """torch's Linear/Conv default: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in))."""
     return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _is_pointwise(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count, batch_group_count) -> bool:
+    """A 1x1 kernel at stride 1, no padding, dilation or groups, channels last (NHWC / HWIO)."""
+    n = lhs.ndim
+    if any(d != 1 for d in rhs.shape[:-2]) or feature_group_count != 1 or batch_group_count != 1:
+        return False
+    if any(s != 1 for s in window_strides) or any(d != 1 for d in (lhs_dilation or ())) or any(
+            d != 1 for d in (rhs_dilation or ())):
+        return False
+    if not (padding in ("SAME", "VALID", "SAME_LOWER") or all(tuple(p) == (0, 0) for p in padding)):
+        return False
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    channels_last = (0, n - 1, *range(1, n - 1))
+    return dn.lhs_spec == channels_last and dn.out_spec == channels_last and dn.rhs_spec == (n - 1, n - 2, *range(n - 2))
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision=None, preferred_element_type=None) -> jax.Array:
+    """`jax.lax.conv_general_dilated`, with a pointwise convolution (1x1 kernel, stride 1, channels
+    last) run as a matmul over the channel axis: the same sums, and on XLA's CPU backend 1.5-2x the
+    speed of its convolution for the ModifiedResNet's and the dVAE's 1x1 layers at high resolution
+    (measured in `make bench`). Takes flax's `nn.Conv(conv_general_dilated=...)` arguments."""
+    if _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, batch_group_count):
+        kernel = rhs.reshape(rhs.shape[-2:])  # (in, out)
+        return jax.lax.dot_general(lhs, kernel, (((lhs.ndim - 1,), (0,)), ((), ())), precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count,
+                                        batch_group_count=batch_group_count, precision=precision,
+                                        preferred_element_type=preferred_element_type)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:

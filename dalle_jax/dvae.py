@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from common.layers import conv_general_dilated
+
 Dtype = Any
 
 #: Pixels are squeezed into (eps, 1 - eps) before encoding so that logit(x) stays finite in the
@@ -117,7 +119,7 @@ class Conv2d(nn.Module):
             kernel, bias = (jnp.asarray(a, self.dtype) for a in (kernel, bias))
             return jnp.take(kernel[0, 0], x, axis=0) + bias  # (..., features)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y + bias
 
 

@@ -18,3 +18,33 @@ def test_runner_writes_the_results_schema(tmp_path):
         assert abs(r["ratio"] - r["ours"] / r["reference"]) < 1e-9
     table = md.read_text()
     assert "| tokenizer, distinct | captions/s |" in table and "CLIP tokenizer" in table
+    # On a CPU the run measures the machine's attainable peak first; rows without FLOPs get no ceiling.
+    peak = report["measured_peak"]
+    assert peak["peak_flops_per_s"] == max(peak["kernels"].values()) > 0
+    assert set(peak["kernels"]) == {"jax matmul", "torch matmul", "jax conv3x3", "torch conv3x3"}
+    assert "Ceiling:" in table and all("ceiling" not in r for r in rows)
+
+
+def test_roofline_ceiling_is_the_ratio_at_the_measured_peak():
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.bench import harness
+
+    m, k, n = 64, 96, 80
+    flops = harness.xla_flops(jax.jit(jnp.matmul), jnp.ones((m, k)), jnp.ones((k, n)))
+    assert flops == 2 * m * k * n  # XLA counts a multiply-add as two FLOPs, as the peak kernels do
+    settings = harness.Settings(accelerator=False, peak_flops_per_s=1e11)
+    row = harness.Result("model", "images/s", ours=20.0, reference=16.0, target=1.3)
+    harness.add_roofline(row, flops_per_call=8 * 5e9, items_per_call=8, settings=settings)
+    # 5 GFLOP per image at 100 GFLOP/s is 20 images/s: ours runs at the peak, the ceiling is 20 / 16.
+    assert row.detail["flops_per_item"] == 5e9 and abs(row.detail["ours_peak_fraction"] - 1.0) < 1e-12
+    assert abs(row.detail["ceiling"] - 1.25) < 1e-12 and row.met is False
+    without_peak = harness.Result("model", "images/s", ours=20.0, reference=16.0, target=1.3)
+    assert harness.add_roofline(without_peak, 4e10, 8, harness.Settings(accelerator=False)).detail == {}
+    info = {"backend": "cpu", "device_kind": "cpu", "devices": 1, "cpu": "x", "cpu_cores": 2, "torch_threads": 2,
+            "load_average_15min": 0.0, "versions": {"python": "3", "jax": "0", "torch": "0"},
+            "measured_peak": {"peak_flops_per_s": 1e11, "kernels": {"jax matmul": 1e11}, "shapes": "s"}}
+    table = harness.to_markdown(info, [harness.Section("S", "setup", [row])], 1.0)
+    assert "| model | images/s | 20.00 | 16.00 | **1.25x** | >= 1.3x | **no** | 1.25x |" in table
+    assert "- model: 5 GFLOP per image, ours 100 GFLOP/s = 100% of the measured peak" in table

@@ -134,3 +134,37 @@ def test_layernorm_statistics_in_fp32_under_bf16():
     centred16 = x - mean16
     naive = centred16 * jax.lax.rsqrt(jnp.mean(jnp.square(centred16), -1, keepdims=True) + 1e-5)
     assert np.abs(np.asarray(naive, np.float64) - want).max() > 5 * tol
+
+
+def test_pointwise_convolutions_run_as_matmuls_with_the_convolutions_values():
+    from common.layers import conv_general_dilated
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 6, 5, 8)), jnp.float32)
+    nhwc = ("NHWC", "HWIO", "NHWC")
+
+    def primitives(*args, **kw):
+        return {e.primitive.name for e in jax.make_jaxpr(lambda a, b: conv_general_dilated(a, b, *args, **kw))(
+            x, kernel).jaxpr.eqns}
+
+    kernel = jnp.asarray(rng.standard_normal((1, 1, 8, 12)), jnp.float32)
+    for padding in ("SAME", "VALID", ((0, 0), (0, 0))):
+        ours = conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=nhwc)
+        ref = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=nhwc)
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+        ops = primitives((1, 1), padding, dimension_numbers=nhwc)
+        assert "dot_general" in ops and "conv_general_dilated" not in ops
+    # Anything else is the convolution itself, bitwise: strides, padding, dilation, 3x3 kernels, groups,
+    # channels-first layouts.
+    cases = [(kernel, dict(window_strides=(2, 1), padding="SAME", dimension_numbers=nhwc)),
+             (kernel, dict(window_strides=(1, 1), padding=((1, 1), (0, 0)), dimension_numbers=nhwc)),
+             (kernel, dict(window_strides=(1, 1), padding=((0, 0), (0, 0)), lhs_dilation=(2, 1), dimension_numbers=nhwc)),
+             (jnp.ones((3, 3, 8, 12)), dict(window_strides=(1, 1), padding="SAME", dimension_numbers=nhwc)),
+             (jnp.ones((1, 1, 4, 12)), dict(window_strides=(1, 1), padding="SAME", dimension_numbers=nhwc,
+                                            feature_group_count=2)),
+             (jnp.ones((1, 1, 6, 12)), dict(window_strides=(1, 1), padding="SAME",
+                                            dimension_numbers=("NCHW", "HWIO", "NCHW")))]
+    for kernel, kw in cases:
+        np.testing.assert_array_equal(conv_general_dilated(x, kernel, **kw),
+                                      jax.lax.conv_general_dilated(x, kernel, **kw))
+        assert "conv_general_dilated" in primitives(**kw)

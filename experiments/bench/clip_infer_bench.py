@@ -27,7 +27,8 @@ from clip_jax import eval_data, zeroshot
 from clip_jax.variants import decode_variant
 from common.images import clip_preprocess
 from common.tokenizers.clip_bpe import tokenize
-from experiments.bench.harness import Result, Section, Settings, cpu_cores, compare, max_abs_diff
+from experiments.bench.harness import (Result, Section, Settings, add_roofline, compare, cpu_cores,
+                                      max_abs_diff, xla_flops)
 from experiments.bench.references import openai_clip, our_clip
 from experiments.bench.tokenizer_bench import make_captions
 
@@ -56,9 +57,11 @@ def _encode_image_row(variant: str, model, bundle, settings: Settings) -> Result
     images = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
     images_t, images_j = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), jax.device_put(images)
     with torch.inference_mode():
-        return compare(f"{variant} encode_image", "images/s", batch, lambda: bundle.encode_image(images_j),
-                       lambda: model.encode_image(images_t).numpy(), check=lambda o, r: max_abs_diff(o, r, **CLOSE),
-                       target=IMAGE_TARGET, repeats=settings.repeats, batch=batch)
+        row = compare(f"{variant} encode_image", "images/s", batch, lambda: bundle.encode_image(images_j),
+                      lambda: model.encode_image(images_t).numpy(), check=lambda o, r: max_abs_diff(o, r, **CLOSE),
+                      target=IMAGE_TARGET, repeats=settings.repeats, batch=batch)
+    flops = xla_flops(jax.jit(bundle.encode_image), images_j) if settings.peak_flops_per_s else None
+    return add_roofline(row, flops, batch, settings)
 
 
 def _encode_text_rows(model, bundle, settings: Settings) -> list[Result]:

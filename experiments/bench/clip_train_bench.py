@@ -23,7 +23,7 @@ from clip_jax import convert
 from common import sharding
 from common.trainer import Trainer, TrainerConfig
 from experiments.bench import peaks
-from experiments.bench.harness import Result, Section, Settings, compare, max_abs_diff
+from experiments.bench.harness import Result, Section, Settings, add_roofline, compare, max_abs_diff
 from experiments.bench.references import openai_clip
 from experiments.configs.clip_vit_b16 import get_config as vit_b16_config
 from experiments.configs.clip_vit_b32 import get_config as vit_b32_config
@@ -125,6 +125,8 @@ def run(settings: Settings) -> Section:
         rows.append(scanned)
     achieved = flops * row.ours / batch_size  # FLOP/s
     row.detail["achieved_flops_per_s"] = achieved
+    for r in rows:  # the same work per step either way: the unrolled program's count
+        add_roofline(r, flops, batch_size, settings)
     results = list(rows)
     device_peak = peaks.peak(jax.devices()[0].device_kind)
     if device_peak is not None:

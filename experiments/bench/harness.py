@@ -35,6 +35,7 @@ class Settings:
     accelerator: bool  # a GPU or TPU: full-size batches and bf16 where a benchmark says so
     repeats: int = 3  # timed calls per side after the warm-up call
     toy: bool = False  # tiny sizes: checks the runner end to end (tests), numbers mean nothing
+    peak_flops_per_s: float | None = None  # a CPU's measured attainable fp32 peak (peaks.measure_cpu_peak)
 
 
 @dataclasses.dataclass
@@ -128,6 +129,33 @@ def compare(name: str, unit: str, items: float | tuple[float, float], ours: Call
     return result
 
 
+def xla_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float | None:
+    """FLOPs of one call of the jitted `fn` on `args`, from XLA's cost analysis of the compiled
+    program (a loop body counts once); None where the backend gives none."""
+    analysis = fn.lower(*args, **kwargs).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def add_roofline(result: Result, flops_per_call: float | None, items_per_call: float, settings: Settings) -> Result:
+    """Puts a throughput row against the machine's measured peak FLOP/s (CPU runs).
+
+    Adds to `result.detail`: `flops_per_item` (ours, XLA's count), `ours_flops_per_s`, `ours_peak_fraction`
+    and `ceiling`: the ratio ours would show against this reference if it ran the FLOPs it runs now
+    at the measured peak. A target above the ceiling takes less work, not faster kernels, on this machine.
+    """
+    if flops_per_call is None or settings.peak_flops_per_s is None:
+        return result
+    per_item = flops_per_call / items_per_call
+    result.detail.update(flops_per_item=per_item, ours_flops_per_s=result.ours * per_item,
+                         ours_peak_fraction=result.ours * per_item / settings.peak_flops_per_s)
+    if result.reference:
+        result.detail["ceiling"] = settings.peak_flops_per_s / per_item / result.reference
+    return result
+
+
 def cpu_cores() -> int:
     """Cores this process may run on: XLA's CPU thread pool size, and what torch is given."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -169,6 +197,13 @@ def _number(value: float | None, digits: int = 2) -> str:
     return f"{value:,.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
+def _roofline_line(r: Result) -> str:
+    item = r.unit.split("/")[0].removesuffix("s")
+    return (f"{r.name}: {r.detail['flops_per_item'] / 1e9:.3g} GFLOP per {item}, ours "
+            f"{r.detail['ours_flops_per_s'] / 1e9:.0f} GFLOP/s = {100 * r.detail['ours_peak_fraction']:.0f}% of the "
+            "measured peak")
+
+
 def to_markdown(info: dict[str, Any], sections: list[Section], total_s: float) -> str:
     v = info["versions"]
     lines = [f"# Benchmarks on {machine_name(info)}", "",
@@ -178,19 +213,29 @@ def to_markdown(info: dict[str, Any], sections: list[Section], total_s: float) -
              f"torch {v['torch']}. Written by `make bench` in {total_s / 60:.1f} min. Ratio = ours / reference "
              "throughput (> 1: we are faster), same weights and inputs, outputs checked; median of the timed "
              "calls after a warm-up call, spread = (max - min) / median.", "",
-             "| benchmark | unit | ours | reference | ratio | target | met | spread ours / ref |",
-             "|---|---|---:|---:|---:|---:|:-:|---:|"]
+             "| benchmark | unit | ours | reference | ratio | target | met | ceiling | spread ours / ref |",
+             "|---|---|---:|---:|---:|---:|:-:|---:|---:|"]
     for section in sections:
         for r in section.results:
             target = "" if r.target is None else (f">= {r.target:g}x" if r.reference is not None else f">= {r.target:g}")
             met = {None: "", True: "yes", False: "**no**"}[r.met]
             ratio = "" if r.ratio is None else f"**{r.ratio:.2f}x**"
             spread = "/".join("" if s is None else f"{100 * s:.0f}%" for s in (r.ours_spread, r.reference_spread))
+            ceiling = f"{r.detail['ceiling']:.2f}x" if "ceiling" in r.detail else ""
             lines.append(f"| {r.name} | {r.unit} | {_number(r.ours)} | {_number(r.reference)} | {ratio} | {target} | "
-                         f"{met} | {spread} |")
+                         f"{met} | {ceiling} | {spread} |")
+    peak = info.get("measured_peak")
+    if peak:
+        kernels = ", ".join(f"{name} {flops / 1e9:.0f}" for name, flops in peak["kernels"].items())
+        lines += ["", "Ceiling: the ratio ours would reach against the reference running the FLOPs it runs now "
+                  "(XLA's cost analysis) at this machine's attainable fp32 peak, "
+                  f"{peak['peak_flops_per_s'] / 1e9:.0f} GFLOP/s, the fastest of large dense kernels timed in this run "
+                  f"(GFLOP/s: {kernels}; {peak['shapes']}). "
+                  "A target above its ceiling needs less work per item, not faster kernels, on this machine."]
     for section in sections:
         lines += ["", f"## {section.title}", "", section.setup]
         lines += [f"- {note}" for note in section.notes]
+        lines += [f"- {_roofline_line(r)}" for r in section.results if "flops_per_item" in r.detail]
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,9 @@
 
 Detects the device: on a GPU or TPU the benchmarks take accelerator sizes (bf16 training, larger
 batches, MFU and bandwidth against `peaks`); on a CPU, sizes that keep the whole run under about
-15 minutes on two cores. torch gets as many threads as the cores XLA's CPU client uses. Writes
+15 minutes on two cores, and the machine's attainable fp32 peak measured first, against which the
+compute-bound rows get a ceiling (`harness.add_roofline`). torch gets as many threads as the cores
+XLA's CPU client uses. Writes
 `<machine>.md` and `<machine>.json` under --out (see `harness`).
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import jax
 import torch
 
-from experiments.bench import harness
+from experiments.bench import harness, peaks
 
 BENCHMARKS = ("tokenizer", "dvae", "clip_infer", "clip_train", "dalle_sample")
 
@@ -31,13 +33,18 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--toy", action="store_true", help="tiny sizes: checks the runner, the numbers mean nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(harness.cpu_cores())
-    settings = harness.Settings(accelerator=jax.default_backend() != "cpu", repeats=args.repeats, toy=args.toy)
+    accelerator = jax.default_backend() != "cpu"
     started = time.perf_counter()
+    # A CPU has no peak table entry: its attainable fp32 FLOP/s is measured here, for the rows' ceilings.
+    measured_peak = None if accelerator else peaks.measure_cpu_peak(toy=args.toy)
+    settings = harness.Settings(accelerator=accelerator, repeats=args.repeats, toy=args.toy,
+                                peak_flops_per_s=measured_peak and measured_peak["peak_flops_per_s"])
     sections = []
     for name in args.only:
         print(f"== {name}", flush=True)
         sections.append(importlib.import_module(f"experiments.bench.{name}_bench").run(settings))
-    path = harness.write_report(args.out, harness.machine_info(), sections, time.perf_counter() - started)
+    info = {**harness.machine_info(), "measured_peak": measured_peak}
+    path = harness.write_report(args.out, info, sections, time.perf_counter() - started)
     print(path.read_text())
     return path
 
