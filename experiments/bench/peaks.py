@@ -9,11 +9,11 @@ fastest of them is the attainable peak the benchmarks' ceilings use (`harness.ad
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments.bench.harness import _timed
 
 # (substring of jax's device_kind, lower case) -> (peak bf16 FLOP/s, HBM bytes/s); first match wins.
 PEAKS: tuple[tuple[str, float, float], ...] = (
@@ -35,13 +35,9 @@ def peak(device_kind: str) -> tuple[float, float] | None:
 
 
 def _best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation, allocation
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    """Fastest of `repeats` timed calls (the harness's clock, which waits for jax arrays) after a warm-up."""
+    _timed(fn)  # warm-up: compilation, allocation
+    return min(_timed(fn)[0] for _ in range(repeats))
 
 
 def measure_cpu_peak(toy: bool = False, repeats: int = 5) -> dict[str, object]:
@@ -67,9 +63,9 @@ def measure_cpu_peak(toy: bool = False, repeats: int = 5) -> dict[str, object]:
     wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy())
     with torch.inference_mode():
         seconds = {
-            "jax matmul": (matmul_flops, _best_seconds(lambda: matmul(aj, aj).block_until_ready(), repeats)),
+            "jax matmul": (matmul_flops, _best_seconds(lambda: matmul(aj, aj), repeats)),
             "torch matmul": (matmul_flops, _best_seconds(lambda: at @ at, repeats)),
-            "jax conv3x3": (conv_flops, _best_seconds(lambda: conv(xj, wj).block_until_ready(), repeats)),
+            "jax conv3x3": (conv_flops, _best_seconds(lambda: conv(xj, wj), repeats)),
             "torch conv3x3": (conv_flops, _best_seconds(lambda: torch.nn.functional.conv2d(xt, wt, padding=1),
                                                         repeats)),
         }
