@@ -226,7 +226,7 @@ def test_ascii_fast_path_skips_ftfy(reference, monkeypatch):
     tokenizer = ClipTokenizer()
     assert [tokenizer.encode(text) for text in texts] == want
     with pytest.raises(AssertionError, match="ftfy.fix_text called"):
-        clip_bpe.clean_text("caf\u00e9")
+        clip_bpe.clean_text("caf\u00c3\u00a9")  # mojibake: ftfy decides
 
 
 def test_encode_matches_openai_on_every_string(ours, reference_ids):
@@ -421,3 +421,77 @@ def test_long_words_and_long_captions_match_openai(ours, reference):
         for context_length in (5, 77):
             np.testing.assert_array_equal(ours.tokenize(text, context_length, truncate=True)[0],
                                           openai_reference_tokenize(reference, [text], context_length, truncate=True)[0])
+
+
+_FTFY_FIXERS = (ftfy.fixes.fix_c1_controls, ftfy.fixes.fix_latin_ligatures, ftfy.fixes.fix_character_width,
+                ftfy.fixes.uncurl_quotes, ftfy.fixes.fix_line_breaks, ftfy.fixes.fix_surrogates,
+                ftfy.fixes.remove_terminal_escapes, ftfy.fixes.remove_control_chars)
+
+
+def test_ftfy_fixers_leave_every_character_outside_the_touched_class_alone():
+    """The non-ASCII fast path skips ftfy's per-character fixers on text with no character of _FTFY_TOUCHED:
+    over every code point outside it (all of Unicode), each of those fixers is the identity; and each
+    changes some character inside it (the class is not vacuous)."""
+    touched = clip_bpe._FTFY_TOUCHED
+    outside = "".join(chr(c) for c in range(0x110000) if not touched.match(chr(c)))
+    inside = [chr(c) for c in range(0x110000) if touched.match(chr(c))]
+    assert 0.99 * 0x110000 < len(outside) < 0x110000
+    for fixer in _FTFY_FIXERS:
+        assert fixer(outside) == outside, fixer.__name__
+    changed = {f.__name__ for f in _FTFY_FIXERS for c in inside if f(c + "[0m") != c + "[0m"}
+    assert changed == {fixer.__name__ for fixer in _FTFY_FIXERS}
+
+
+def test_mojibake_prefilter_is_read_off_ftfys_detector(monkeypatch):
+    """Every match of ftfy's BADNESS_RE holds a character of _MOJIBAKE_CODEPOINTS: text without one is never
+    bad (fuzzed with every other non-ASCII character of the BMP and ASCII around it), text with them often
+    is; an added alternative of ASCII only makes the derivation give up (None: every text goes to is_bad)."""
+    codepoints = clip_bpe._MOJIBAKE_CODEPOINTS
+    assert codepoints is not None and 300 < len(codepoints) < 2000 and min(codepoints) >= 0x80
+    rng = random.Random(3)
+    others = [chr(c) for c in range(0x80, 0x10000) if c not in codepoints and not 0xD800 <= c < 0xE000]
+    ascii_chars = [chr(c) for c in range(0x20, 0x7F)] + ["\n", "\t"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(others) if rng.random() < 0.5 else rng.choice(ascii_chars) for _ in range(6))
+        assert not ftfy.badness.is_bad(text), repr(text)
+    suspects = [chr(c) for c in codepoints]
+    bad = sum(ftfy.badness.is_bad("".join(rng.choice(suspects + ascii_chars[:60]) for _ in range(4)))
+              for _ in range(2000))
+    assert bad > 200
+    monkeypatch.setattr(ftfy.badness, "BADNESS_RE", regex.compile(ftfy.badness.BADNESS_RE.pattern + "|x y",
+                                                                  ftfy.badness.BADNESS_RE.flags))
+    assert clip_bpe._mojibake_codepoints() is None
+
+
+def test_text_ftfy_leaves_alone_is_told_without_running_it():
+    """_ftfy_leaves_unchanged(text) only when ftfy.fix_text(text) == text, on the test strings, on mojibake,
+    decomposed accents, entities and controls mixed into scripts and emoji; and it is true for most
+    ordinary non-ASCII text (the point of it)."""
+    rng = random.Random(21)
+    snippets = (*_FTFY_FIXABLE, *_ACCENTS, *_EMOJI, *_UNICODE_PUNCT, *_WHITESPACE, "&amp;", "&eacute;", "<b>",
+                "Ã©", "â€™", "Â ", "Ã ", "ÃƒÂ©", "вЂ", "Ð¿Ñ€", "×²", "√±", "\u0301", "é", "ё", "Ё", "ǅ", "ﬁ")
+    words = (*_SCRIPTS.values(), *_WORDS)
+    texts = list(TEXTS)
+    for _ in range(4000):
+        parts = [rng.choice(snippets) if rng.random() < 0.3 else rng.choice(words)[:rng.randint(1, 9)]
+                 for _ in range(rng.randint(1, 6))]
+        texts.append(rng.choice((" ", "", "-")).join(parts))
+    taken = 0
+    for text in texts:
+        if clip_bpe._ftfy_leaves_unchanged(text):
+            assert ftfy.fix_text(text) == text, repr(text)
+            taken += 1
+        assert clip_bpe.clean_text(text) == reference_clean(text), repr(text)
+    ordinary = [t for t in texts if not clip_bpe._NEEDS_FULL_CLEAN.search(t.encode("ascii", "ignore").decode())
+                and t == unicodedata.normalize("NFC", t) and "\n" not in t and ftfy.fix_text(t) == t]
+    assert taken >= 0.9 * len(ordinary) > 1000
+
+
+@pytest.mark.parametrize("short_piece", [1, 10**6])
+def test_merge_rounds_and_heap_give_the_same_ids(reference_ids, monkeypatch, short_piece):
+    """Short pieces merge by the reference's plain rounds, long ones through the heap: either one alone for
+    every piece gives the reference's ids."""
+    monkeypatch.setattr(clip_bpe, "_SHORT_PIECE", short_piece)
+    tokenizer = ClipTokenizer()
+    got = [tokenizer.encode(text) for text in TEXTS]
+    assert got == reference_ids, _first_mismatch(got, reference_ids, TEXTS)

@@ -29,13 +29,18 @@ Speed without changing a single id:
   ``ftfy`` and ``html.unescape``: on that alphabet every ftfy fixer, NFC normalization and HTML
   unescaping is the identity, and ``str.split`` splits on exactly the characters ``regex``'s
   ``\\s`` matches. With ``&`` (HTML entities) it skips ftfy's mojibake detection and the fixers that
-  cannot apply (``_fix_ascii_text``). ``tests/test_clip_bpe.py`` checks this cleaning against the reference's.
+  cannot apply (``_fix_ascii_text``). Other text skips ftfy when ftfy would return it unchanged, told
+  without running it (``_ftfy_leaves_unchanged``: one NFC line without ``&``, no character that one of
+  ftfy's fixers changes, and none of the characters every mojibake match needs, both sets read off
+  ftfy's own tables and detector regex). ``tests/test_clip_bpe.py`` checks this cleaning against the
+  reference's and each set against ftfy over all of Unicode.
+* Pieces of up to 24 bytes merge by the reference's plain rounds (faster there), longer ones through a heap.
 * A batch encodes each distinct text once, and all of them in one pass: the cleaned texts are
   joined with `` <|endoftext|> `` (no piece crosses a space, so each text splits as it would
-  alone), split by one regex scan (for ASCII text an equivalent pattern of the standard ``re``
-  module, about twice as fast as ``regex``), mapped piece by piece through the cache and laid
-  out in the padded array with numpy. A text that itself spells a special token goes through the
-  one-text path, so ids never change.
+  alone), split by one regex scan (for ASCII text: split on whitespace into words, each distinct
+  word split once by an equivalent pattern of the standard ``re`` module, about twice as fast as
+  ``regex``), mapped through the cache and laid out in the padded array with numpy. A text that
+  itself spells a special token goes through the one-text path, so ids never change.
 """
 
 from __future__ import annotations
@@ -48,9 +53,12 @@ import importlib.resources
 import itertools
 import os
 import re as std_re
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 import ftfy
+import ftfy.badness
+import ftfy.chardata
 import ftfy.fixes
 import numpy as np
 import regex
@@ -72,11 +80,13 @@ _WHITESPACE_RUN = regex.compile(r"\s+")
 _NEEDS_FULL_CLEAN = std_re.compile(r"[^\t\n\r\x20-\x25\x27-\x7e]")
 # ... and ftfy itself only outside printable ASCII plus \t \n \r (see _fix_ascii_text).
 _NEEDS_FTFY = std_re.compile(r"[^\t\n\r\x20-\x7e]")
+_ASCII_CONTROLS = std_re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # the ASCII outside that alphabet
 _FTFY_MAX_SEGMENT = 1_000_000  # ftfy's max_decode_length: longer lines are cut into segments
 # _PIECE_PATTERN on lower-case text of that alphabet: letters and digits are ASCII there, and at any
 # position at most one alternative of the reference can start a match in this order.
 _ASCII_PIECE_PATTERN = std_re.compile(r"[a-z]+|[0-9]|'(?:s|t|re|ve|m|ll|d)|<\|(?:start|end)oftext\|>|[^\sa-z0-9]+")
 _BATCH_SEPARATOR = " <|endoftext|> "
+_SHORT_PIECE = 24  # pieces of at most this many bytes merge by plain rounds, longer ones through a heap
 _BATCH_MAX_CHARS = 2048  # longer texts take the one-text path (which stops early when truncating)
 
 
@@ -126,13 +136,121 @@ def _fix_ascii_text(text: str) -> str | None:
     return "".join(out)
 
 
+def _char_class(codepoints: Iterable[int]) -> str:
+    """A regex character class of exactly these code points, written as ranges."""
+    ranges: list[list[int]] = []
+    for c in sorted(set(codepoints)):
+        if ranges and c == ranges[-1][1] + 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return "[" + "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges) + "]"
+
+
+def _ftfy_touched_pattern() -> std_re.Pattern:
+    """Every character that one of ftfy's per-character fixers (all of ``fix_text``'s steps but HTML
+    unescaping, mojibake detection and NFC) can change or needs: ligatures, fullwidth and halfwidth
+    forms, control characters, C1 controls, curly quotes, line breaks (CR, U+0085, U+2028, U+2029),
+    surrogates and ESC (terminal escapes). Built from ftfy's own tables; ``tests/test_clip_bpe.py``
+    checks every code point outside it against each fixer."""
+    codepoints = {*ftfy.chardata.LIGATURES, *ftfy.chardata.WIDTH_MAP, *ftfy.chardata.CONTROL_CHARS,
+                  *range(0x80, 0xA0), 0x0D, 0x1B, 0x2028, 0x2029, *range(0xD800, 0xE000)}
+    quotes = (ftfy.chardata.SINGLE_QUOTE_RE.pattern, ftfy.chardata.DOUBLE_QUOTE_RE.pattern)
+    return std_re.compile("|".join((_char_class(codepoints), *quotes)))
+
+
+def _mojibake_codepoints() -> set[int] | None:
+    """Non-ASCII code points of which every match of ftfy's mojibake detector (``badness.BADNESS_RE``)
+    holds at least one, read off the regex itself: each of its alternatives must have a character or
+    character class that is not optional and holds only non-ASCII characters, and the set is the union
+    of those. Text with none of them is not bad, with no regex search over it. None when an
+    alternative has no such element (a future ftfy's), and then every text goes to ``is_bad``."""
+    import re._constants as sre
+    import re._parser
+
+    def members(op, arg) -> set[int] | None:
+        if op is sre.LITERAL:
+            return {arg}
+        if op is sre.IN and all(o in (sre.LITERAL, sre.RANGE) for o, _ in arg):
+            return {c for o, a in arg for c in ((a,) if o is sre.LITERAL else range(a[0], a[1] + 1))}
+        return None
+
+    try:
+        tree = re._parser.parse(ftfy.badness.BADNESS_RE.pattern, ftfy.badness.BADNESS_RE.flags)
+        (op, (_, alternatives)), = tree.data
+        if op is not sre.BRANCH:
+            return None
+    except (AttributeError, ValueError, TypeError, std_re.error):
+        return None
+    codepoints = set()
+    for alternative in alternatives:
+        required = [m for m in (members(op, arg) for op, arg in alternative.data) if m and min(m) >= 0x80]
+        if not required:
+            return None
+        codepoints.update(*required)
+    return codepoints
+
+
+_FTFY_TOUCHED = _ftfy_touched_pattern()
+_MOJIBAKE_CODEPOINTS = _mojibake_codepoints()
+# Text with none of these characters is left as it is by every ftfy step but HTML unescaping and NFC.
+_FTFY_SUSPECT = None if _MOJIBAKE_CODEPOINTS is None else std_re.compile(
+    f"{_char_class(_MOJIBAKE_CODEPOINTS)}|{_FTFY_TOUCHED.pattern}")
+
+
+def _ftfy_leaves_unchanged(text: str) -> bool:
+    """True when ``ftfy.fix_text(text)`` (default configuration) is ``text`` itself, told without
+    running it; False means ftfy must decide. For one line (no newline, at most ftfy's segment
+    length) with no ``&``: HTML unescaping needs an entity, mojibake detection leaves text that
+    ``badness.is_bad`` passes alone (as all text without a character of ``_MOJIBAKE_CODEPOINTS``),
+    the per-character fixers need a character of ``_FTFY_TOUCHED``, and NFC changes only text that is
+    not NFC. So ftfy's first round changes nothing and it stops."""
+    if "\n" in text or "&" in text or len(text) > _FTFY_MAX_SEGMENT or not unicodedata.is_normalized("NFC", text):
+        return False
+    if _FTFY_SUSPECT is not None and _FTFY_SUSPECT.search(text) is None:
+        return True
+    return _FTFY_TOUCHED.search(text) is None and not ftfy.badness.is_bad(text)
+
+
 def clean_text(text: str) -> str:
-    """The reference's ``whitespace_clean(basic_clean(text)).lower()``, with ASCII fast paths."""
+    """The reference's ``whitespace_clean(basic_clean(text)).lower()``, with fast paths that skip
+    the steps that cannot change the text (each proved equal to the reference's in the tests)."""
     if not _NEEDS_FULL_CLEAN.search(text):
         return " ".join(text.split()).lower()
-    fixed = None if _NEEDS_FTFY.search(text) else _fix_ascii_text(text)
-    text = html.unescape(html.unescape(ftfy.fix_text(text) if fixed is None else fixed)).strip()
-    return _WHITESPACE_RUN.sub(" ", text).strip().lower()
+    if _NEEDS_FTFY.search(text):
+        fixed = text if _ftfy_leaves_unchanged(text) else ftfy.fix_text(text)
+    else:
+        fixed = _fix_ascii_text(text)
+        if fixed is None:
+            fixed = ftfy.fix_text(text)
+    if "&" in fixed:  # html.unescape returns text without "&" as it is
+        fixed = html.unescape(html.unescape(fixed))
+    if not _NEEDS_FTFY.search(fixed):  # printable ASCII, \t \n \r: str.split splits on exactly regex's \s
+        return " ".join(fixed.split()).lower()
+    return _WHITESPACE_RUN.sub(" ", fixed.strip()).strip().lower()
+
+
+def _merge_rounds(symbols: list[int], table: dict[tuple[int, int], tuple[int, int]]) -> tuple[int, ...]:
+    """The reference's BPE loop as it is written, for short pieces (where it beats the heap): find the
+    adjacent pair of lowest rank, merge its non-overlapping occurrences left to right, repeat."""
+    while len(symbols) > 1:
+        best = None
+        for pair in zip(symbols, symbols[1:]):
+            entry = table.get(pair)
+            if entry is not None and (best is None or entry[0] < best[0]):
+                best, first, second = entry, *pair
+        if best is None:
+            break
+        merged, i, n = [], 0, len(symbols)
+        while i < n:
+            if symbols[i] == first and i + 1 < n and symbols[i + 1] == second:
+                merged.append(best[1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return tuple(symbols)
 
 
 def _read_merges(bpe_path: str | os.PathLike | None) -> list[tuple[str, str]]:
@@ -227,6 +345,8 @@ class ClipTokenizer:
         if n == 1:
             return tuple(symbols)
         table = self._merge_table
+        if n <= _SHORT_PIECE:
+            return _merge_rounds(symbols, table)
         nxt = list(range(1, n + 1))  # position of the next live symbol (n: none)
         prv = list(range(-1, n - 1))  # position of the previous live symbol (-1: none)
         heap = [(table[pair][0], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in table]
@@ -306,11 +426,15 @@ class ClipTokenizer:
         # Three groups, each split in one pass: plain ASCII texts (cleaning only lower-cases them as far
         # as pieces go: pieces never hold whitespace), texts cleaned into plain ASCII, and the rest.
         plain, ascii_cleaned, other = [], [], []  # texts; (text, cleaned) pairs; (text, cleaned) pairs
-        if _NEEDS_FULL_CLEAN.search(_BATCH_SEPARATOR.join(short)) is None:
+        joined = _BATCH_SEPARATOR.join(short)
+        if _NEEDS_FULL_CLEAN.search(joined) is None:
             plain = short
         else:
+            # A text is plain when it is ASCII without "&" or controls (other than \t \n \r); str.isascii
+            # costs nothing, and the controls are looked for per text only when the batch has any.
+            controls = _ASCII_CONTROLS.search(joined) is not None
             for text in short:
-                if _NEEDS_FULL_CLEAN.search(text) is None:
+                if text.isascii() and "&" not in text and not (controls and _ASCII_CONTROLS.search(text)):
                     plain.append(text)
                 else:
                     cleaned = clean_text(text)
@@ -344,8 +468,25 @@ class ClipTokenizer:
                          truncate: bool) -> np.ndarray | None:
         """Padded rows (N, L) of `texts` from `joined`, their cleaned texts joined by the separator, split
         in one pass; None when a text itself contains an ``<|endoftext|>`` piece (not told from a separator)."""
-        pieces = pattern.findall(joined + _BATCH_SEPARATOR)
-        flat = np.fromiter(itertools.chain.from_iterable(map(self._piece_ids, pieces)), np.int32)
+        joined += _BATCH_SEPARATOR
+        if pattern is _ASCII_PIECE_PATTERN:
+            # No piece holds whitespace, and on this alphabet str.split splits on exactly \s: split into
+            # words, each distinct word into ids once, and lay the words' ids end to end with numpy.
+            words = joined.split()
+            index = dict.fromkeys(words)  # distinct word -> its number
+            distinct_ids = []
+            for number, word in enumerate(index):
+                index[word] = number
+                distinct_ids.append([i for piece in pattern.findall(word) for i in self._piece_ids(piece)])
+            counts = np.fromiter(map(len, distinct_ids), np.int64, len(distinct_ids))
+            firsts = np.cumsum(counts) - counts  # where each distinct word's ids start in `pool`
+            pool = np.fromiter(itertools.chain.from_iterable(distinct_ids), np.int32)
+            word_numbers = np.fromiter(map(index.__getitem__, words), np.int64, len(words))
+            counts = counts[word_numbers]  # ids of each word of the batch
+            offsets = np.cumsum(counts) - counts  # where they go in `flat`
+            flat = pool[np.arange(offsets[-1] + counts[-1]) + np.repeat(firsts[word_numbers] - offsets, counts)]
+        else:
+            flat = np.fromiter(itertools.chain.from_iterable(map(self._piece_ids, pattern.findall(joined))), np.int32)
         ends = np.flatnonzero(flat == self.eot_token_id)  # one per text, unless a text spells the token
         if ends.size != len(texts):
             return None
