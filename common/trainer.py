@@ -48,7 +48,7 @@ from jax.experimental import multihost_utils
 
 from common import checkpoint as ckpt
 from common import metrics as metrics_lib
-from common import optim, run_guard, sharding
+from common import memory, optim, run_guard, sharding
 from common.config import dataclass_from
 from common.train_step import (  # noqa: F401  (the trainer's public names, defined there)
     Batch,
@@ -192,6 +192,7 @@ class Trainer:
         *,
         mesh: jax.sharding.Mesh,
     ):
+        memory.tune_host_malloc()  # XLA's per-step host temporaries stay mapped instead of faulting in every step
         self.task = task
         self.cfg = dataclass_from(TrainerConfig, cfg)
         self.optim_cfg = dataclass_from(optim.OptimConfig, optim_cfg)

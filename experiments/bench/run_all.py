@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import torch
 
+from common import memory
 from experiments.bench import harness, peaks
 
 BENCHMARKS = ("tokenizer", "dvae", "clip_infer", "clip_train", "dalle_sample")
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--toy", action="store_true", help="tiny sizes: checks the runner, the numbers mean nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(harness.cpu_cores())
+    # Both sides run in this process, under the same allocator settings (the trainer applies them anyway).
+    host_malloc_tuned = memory.tune_host_malloc()
     accelerator = jax.default_backend() != "cpu"
     started = time.perf_counter()
     # A CPU has no peak table entry: its attainable fp32 FLOP/s is measured here, for the rows' ceilings.
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> Path:
     for name in args.only:
         print(f"== {name}", flush=True)
         sections.append(importlib.import_module(f"experiments.bench.{name}_bench").run(settings))
-    info = {**harness.machine_info(), "measured_peak": measured_peak}
+    info = {**harness.machine_info(), "measured_peak": measured_peak, "host_malloc_tuned": host_malloc_tuned}
     path = harness.write_report(args.out, info, sections, time.perf_counter() - started)
     print(path.read_text())
     return path
