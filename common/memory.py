@@ -72,12 +72,11 @@ def tune_host_malloc(threshold_bytes: int = 1 << 30) -> bool:
     back to the OS, so every step of a compiled program faults its whole working set in again, page by page
     (the kernel zeroes each one). Raising both thresholds to `threshold_bytes` serves blocks below it from the
     heap and keeps up to that much freed memory mapped: measured on the smoke CLIP training step on 2 CPU
-    cores, 46-47 -> 30-33 ms a step (`make bench` runs it, with the PyTorch reference in the same process
-    under the same setting). The price is resident memory: up to `threshold_bytes` of freed memory stays
+    cores, 46-47 -> 30-33 ms a step. The price is resident memory: up to `threshold_bytes` of freed memory stays
     with the process, as with tcmalloc or jemalloc, which TPU VM guides preload for the same reason.
 
-    The trainer and `make bench` call this; call it yourself for long inference loops. Process-wide and
-    idempotent; a no-op off glibc or with the environment variable CLIP_DALLE_JAX_HOST_MALLOC=system.
+    The trainer calls this; call it yourself for long inference loops. Process-wide and idempotent; a no-op
+    off glibc or with the environment variable CLIP_DALLE_JAX_HOST_MALLOC=system.
     """
     global _host_malloc_tuned
     if _host_malloc_tuned is None:
@@ -91,3 +90,8 @@ def tune_host_malloc(threshold_bytes: int = 1 << 30) -> bool:
             except (OSError, AttributeError):
                 pass
     return _host_malloc_tuned
+
+
+def host_malloc_tuned() -> bool:
+    """Whether `tune_host_malloc` has applied its settings in this process."""
+    return bool(_host_malloc_tuned)

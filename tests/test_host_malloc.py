@@ -21,7 +21,7 @@ libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 applied = memory.tune_host_malloc() if sys.argv[1] == "tune" else None
-again = memory.tune_host_malloc() if sys.argv[1] == "tune" else None
+again = memory.tune_host_malloc() and memory.host_malloc_tuned() if sys.argv[1] == "tune" else None
 before = libc.mallinfo2().hblkhd
 block = libc.malloc(256 << 20)  # a step's temporaries, say
 mmapped = libc.mallinfo2().hblkhd - before  # bytes of blocks served by mmap

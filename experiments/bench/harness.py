@@ -213,8 +213,9 @@ def to_markdown(info: dict[str, Any], sections: list[Section], total_s: float) -
              f"torch {v['torch']}. Written by `make bench` in {total_s / 60:.1f} min. Ratio = ours / reference "
              "throughput (> 1: we are faster), same weights and inputs, outputs checked; median of the timed "
              "calls after a warm-up call, spread = (max - min) / median."
-             + (" Both sides share the process's host allocator, glibc with freed memory kept mapped "
-                "(`common.memory.tune_host_malloc`)." if info.get("host_malloc_tuned") else ""), "",
+             + (f" From the section \"{info['host_malloc_tuned_from']}\" on, both sides run under the host allocator "
+                "settings our trainer applies (glibc keeps freed memory mapped: `common.memory.tune_host_malloc`); "
+                "the sections before it under glibc's defaults." if info.get("host_malloc_tuned_from") else ""), "",
              "| benchmark | unit | ours | reference | ratio | target | met | ceiling | spread ours / ref |",
              "|---|---|---:|---:|---:|---:|:-:|---:|---:|"]
     for section in sections:
