@@ -75,6 +75,12 @@ def tune_host_malloc(threshold_bytes: int = 1 << 30) -> bool:
     cores, 46-47 -> 30-33 ms a step. The price is resident memory: up to `threshold_bytes` of freed memory stays
     with the process, as with tcmalloc or jemalloc, which TPU VM guides preload for the same reason.
 
+    Not every block is covered: a block that XLA allocates on one of its worker threads comes from that
+    thread's glibc arena, whose heaps hold at most 64 MiB and are unmapped once wholly free, so a large
+    temporary block may still fault in every step (seen on the scanned smoke step: 13k faults a step, against
+    none with `MALLOC_ARENA_MAX=1`). Setting MALLOC_ARENA_MAX=1 before the process starts puts every thread
+    on the main heap, which these thresholds govern.
+
     The trainer calls this; call it yourself for long inference loops. Process-wide and idempotent; a no-op
     off glibc or with the environment variable CLIP_DALLE_JAX_HOST_MALLOC=system.
     """
