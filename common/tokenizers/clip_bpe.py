@@ -165,8 +165,11 @@ def _mojibake_codepoints() -> set[int] | None:
     character class that is not optional and holds only non-ASCII characters, and the set is the union
     of those. Text with none of them is not bad, with no regex search over it. None when an
     alternative has no such element (a future ftfy's), and then every text goes to ``is_bad``."""
-    import re._constants as sre
-    import re._parser
+    try:  # the standard library's regex parser (private, but what re.compile runs)
+        import re._constants as sre
+        import re._parser
+    except ImportError:
+        return None
 
     def members(op, arg) -> set[int] | None:
         if op is sre.LITERAL:
