@@ -90,11 +90,12 @@ def tune_host_malloc(threshold_bytes: int = 1 << 30) -> bool:
         if os.environ.get(HOST_MALLOC_ENV, "").lower() != "system" and sys.platform.startswith("linux"):
             try:
                 libc = ctypes.CDLL(None)
-                libc.gnu_get_libc_version  # glibc, not musl: mallopt's thresholds mean this there
+            except OSError:
+                libc = None
+            # glibc, not musl: only there do mallopt's thresholds mean this.
+            if libc is not None and hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt"):
                 _host_malloc_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
                                           and libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
-            except (OSError, AttributeError):
-                pass
     return _host_malloc_tuned
 
 

@@ -29,7 +29,8 @@ BENCHMARKS = ("tokenizer", "dvae", "clip_infer", "clip_train", "dalle_sample")
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("experiments/bench/results"))
-    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=BENCHMARKS, help="a subset (run in the default's order)")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=BENCHMARKS,
+                        help="a subset (run in the default's order)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side after the warm-up call")
     parser.add_argument("--toy", action="store_true", help="tiny sizes: checks the runner, the numbers mean nothing")
     args = parser.parse_args(argv)
