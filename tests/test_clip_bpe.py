@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import regex
 
-from common.tokenizers import clip_bpe
+from common.tokenizers import clip_bpe, clip_clean
 from common.tokenizers.clip_bpe import ClipTokenizer
 from experiments.bench.tokenizer_bench import load_openai_simple_tokenizer, make_captions, openai_reference_tokenize
 
@@ -189,7 +189,7 @@ def test_clean_text_matches_reference():
     fuzz += ["".join(rng.choice(fast_alphabet + slow_extras) for _ in range(rng.randint(0, 40))) for _ in range(500)]
     for text in TEXTS + fuzz:
         want = reference_clean(text)
-        assert clip_bpe.clean_text(text) == want, repr(text)
+        assert clip_clean.clean_text(text) == want, repr(text)
 
 
 def test_ascii_entity_path_equals_ftfy():
@@ -205,11 +205,11 @@ def test_ascii_entity_path_equals_ftfy():
                      for _ in range(rng.randint(1, 12))) for _ in range(3000)]
     shortcut = 0
     for text in texts:
-        fixed = clip_bpe._fix_ascii_text(text)
+        fixed = clip_clean._fix_ascii_text(text)
         if fixed is not None:
             assert fixed == ftfy.fix_text(text), repr(text)
             shortcut += 1
-        assert clip_bpe.clean_text(text) == reference_clean(text), repr(text)
+        assert clip_clean.clean_text(text) == reference_clean(text), repr(text)
     assert shortcut > 1500  # most of them take it; the rest decode to non-ASCII and go to ftfy
 
 
@@ -226,7 +226,7 @@ def test_ascii_fast_path_skips_ftfy(reference, monkeypatch):
     tokenizer = ClipTokenizer()
     assert [tokenizer.encode(text) for text in texts] == want
     with pytest.raises(AssertionError, match="ftfy.fix_text called"):
-        clip_bpe.clean_text("caf\u00c3\u00a9")  # mojibake: ftfy decides
+        clip_clean.clean_text("caf\u00c3\u00a9")  # mojibake: ftfy decides
 
 
 def test_encode_matches_openai_on_every_string(ours, reference_ids):
@@ -432,7 +432,7 @@ def test_ftfy_fixers_leave_every_character_outside_the_touched_class_alone():
     """The non-ASCII fast path skips ftfy's per-character fixers on text with no character of _FTFY_TOUCHED:
     over every code point outside it (all of Unicode), each of those fixers is the identity; and each
     changes some character inside it (the class is not vacuous)."""
-    touched = clip_bpe._FTFY_TOUCHED
+    touched = clip_clean._FTFY_TOUCHED
     outside = "".join(chr(c) for c in range(0x110000) if not touched.match(chr(c)))
     inside = [chr(c) for c in range(0x110000) if touched.match(chr(c))]
     assert 0.99 * 0x110000 < len(outside) < 0x110000
@@ -446,7 +446,7 @@ def test_mojibake_prefilter_is_read_off_ftfys_detector(monkeypatch):
     """Every match of ftfy's BADNESS_RE holds a character of _MOJIBAKE_CODEPOINTS: text without one is never
     bad (fuzzed with every other non-ASCII character of the BMP and ASCII around it), text with them often
     is; an added alternative of ASCII only makes the derivation give up (None: every text goes to is_bad)."""
-    codepoints = clip_bpe._MOJIBAKE_CODEPOINTS
+    codepoints = clip_clean._MOJIBAKE_CODEPOINTS
     assert codepoints is not None and 300 < len(codepoints) < 2000 and min(codepoints) >= 0x80
     rng = random.Random(3)
     others = [chr(c) for c in range(0x80, 0x10000) if c not in codepoints and not 0xD800 <= c < 0xE000]
@@ -460,7 +460,7 @@ def test_mojibake_prefilter_is_read_off_ftfys_detector(monkeypatch):
     assert bad > 200
     monkeypatch.setattr(ftfy.badness, "BADNESS_RE", regex.compile(ftfy.badness.BADNESS_RE.pattern + "|x y",
                                                                   ftfy.badness.BADNESS_RE.flags))
-    assert clip_bpe._mojibake_codepoints() is None
+    assert clip_clean._mojibake_codepoints() is None
 
 
 def test_text_ftfy_leaves_alone_is_told_without_running_it():
@@ -478,11 +478,11 @@ def test_text_ftfy_leaves_alone_is_told_without_running_it():
         texts.append(rng.choice((" ", "", "-")).join(parts))
     taken = 0
     for text in texts:
-        if clip_bpe._ftfy_leaves_unchanged(text):
+        if clip_clean._ftfy_leaves_unchanged(text):
             assert ftfy.fix_text(text) == text, repr(text)
             taken += 1
-        assert clip_bpe.clean_text(text) == reference_clean(text), repr(text)
-    ordinary = [t for t in texts if not clip_bpe._NEEDS_FULL_CLEAN.search(t.encode("ascii", "ignore").decode())
+        assert clip_clean.clean_text(text) == reference_clean(text), repr(text)
+    ordinary = [t for t in texts if not clip_clean.NEEDS_FULL_CLEAN.search(t.encode("ascii", "ignore").decode())
                 and t == unicodedata.normalize("NFC", t) and "\n" not in t and ftfy.fix_text(t) == t]
     assert taken >= 0.9 * len(ordinary) > 1000
 
