@@ -324,3 +324,20 @@ def test_sigkill_mid_save_leaves_previous_step_intact(tmp_path, mesh8):
         assert ckpt.all_steps() == [1, 2]
         assert_bitwise_equal(ckpt.restore(2, target=target)[0], expected)
     assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+def test_replicated_arrays_are_written_whole_in_one_process(tmp_path, mesh8, monkeypatch):
+    """One process: no replicated array is cut into per-device slices to save (each a compiled program),
+    and it comes back bitwise."""
+    replicated = NamedSharding(mesh8, P())
+    state = {f"w{i}": jax.device_put(np.arange(4096 * (i + 1), dtype=np.float32).reshape(64, -1), replicated)
+             for i in range(4)}
+    assert all(len(x.sharding.device_set) == 8 and x.sharding.is_fully_replicated for x in state.values())
+    slices = []
+    real = jax.lax.slice_in_dim
+    monkeypatch.setattr(jax.lax, "slice_in_dim", lambda *a, **k: slices.append(a[0].shape) or real(*a, **k))
+    with CheckpointManager(tmp_path, async_save=False) as ckpt:
+        assert ckpt.save(1, state, {})
+        restored, _ = ckpt.restore(1, target=abstract_like(state, replicated))
+    assert slices == []
+    assert_bitwise_equal(restored, jax.tree.map(np.asarray, state))
