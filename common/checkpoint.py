@@ -121,7 +121,8 @@ def _write_replicated_arrays_whole() -> None:
         return
     _REPLICATED_WHOLE = True
     current = ocp.type_handlers.get_type_handler(jax.Array)
-    if type(current) is not ocp.type_handlers.ArrayHandler or getattr(current, "_use_replica_parallel", None) is not True:
+    ours = type(current) is ocp.type_handlers.ArrayHandler
+    if not ours or getattr(current, "_use_replica_parallel", None) is not True:
         return  # someone else's handler, or an orbax whose handler no longer has this setting
     handler = copy.copy(current)
     handler._use_replica_parallel = False
