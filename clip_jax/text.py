@@ -83,10 +83,9 @@ class TextTransformer(nn.Module):
             remat=self.remat,
             scan_layers=self.scan_layers,
             name="transformer",
-        )(x, causal)
+        )(x, causal, rows=jnp.argmax(texts, axis=-1))  # (B, width) at the end-of-text token: the first
+        # position of the highest id, as torch.argmax
         x = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final")(x)
-        eot = jnp.argmax(texts, axis=-1)  # (B,), first position of the highest id, as torch.argmax
-        x = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]  # (B, width)
         text_projection = self.param(
             "text_projection",
             partitioned(nn.initializers.normal(cfg.width**-0.5), ("embed", None)),

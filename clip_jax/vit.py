@@ -75,8 +75,8 @@ class VisionTransformer(nn.Module):
             remat=self.remat,
             scan_layers=self.scan_layers,
             name="transformer",
-        )(x)
-        x = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_post")(x[:, 0])  # (B, width)
+        )(x, rows=jnp.zeros((batch,), jnp.int32))  # (B, width): the class token's output
+        x = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_post")(x)  # (B, width)
         proj = self.param(
             "proj",
             partitioned(nn.initializers.normal(scale), ("embed", None)),  # output axis replicated

@@ -224,6 +224,17 @@ class MLP(nn.Module):
         return dense(width, self.proj_std, ("mlp", "embed"), "c_proj")(h)
 
 
+def _mask_rows(mask: jax.Array | None, rows: jax.Array, batch: int) -> jax.Array | None:
+    """The query rows `rows` (B,) of an attention mask broadcastable to (B, heads, Lq, Lk): (B, h, 1, Lk)."""
+    if mask is None:
+        return None
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if mask.shape[2] == 1:  # the same for every query
+        return mask
+    mask = jnp.broadcast_to(mask, (batch, *mask.shape[1:]))
+    return jnp.take_along_axis(mask, rows[:, None, None, None], axis=2)
+
+
 class ResidualAttentionBlock(nn.Module):
     """x + attn(ln_1(x)), then x + mlp(ln_2(x)). Returns (x, None) so nn.scan can carry x."""
 
@@ -238,13 +249,20 @@ class ResidualAttentionBlock(nn.Module):
     cache_length: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, mask: jax.Array | None,
+                 rows: jax.Array | None = None) -> tuple[jax.Array, None]:
+        """x (B, L, D) -> (B, L, D); with `rows` (B,) int, (B, 1, D): the block's output at one
+        position per example, its keys and values still from every position."""
         norm = lambda name: LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
         h = norm("ln_1")(x)
+        h_q = h
+        if rows is not None:
+            take = lambda a: jnp.take_along_axis(a, rows[:, None, None], axis=1)  # noqa: E731
+            x, h_q, mask = take(x), take(h), _mask_rows(mask, rows, x.shape[0])  # (B, 1, D), (B, 1, D)
         x = x + MultiHeadAttention(
             self.num_heads, self.attn_std, self.proj_std, dtype=self.dtype, param_dtype=self.param_dtype,
             cache_length=self.cache_length, name="attn"
-        )(h, h, mask)
+        )(h_q, h, mask)
         h = norm("ln_2")(x)
         x = x + MLP(self.mlp_dim, self.act, self.fc_std, self.proj_std, self.dtype, self.param_dtype, name="mlp")(h)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
@@ -263,6 +281,12 @@ class Transformer(nn.Module):
     per_layer_mask: the mask is a stack with a leading `layers` axis and layer i attends
       with mask[i] (DALL·E's row, column and convolutional layers, Ramesh et al. 2021, B.1).
     cache_length: > 0 gives every block a key/value cache for decoding (`MultiHeadAttention`).
+
+    `rows` (B,) int, at call time: return (B, width), each example's output at one position
+    (CLIP's class token, its end-of-text token) instead of every position. Unrolled, the last
+    block then runs its queries, output projection and MLP for those rows alone (its keys and
+    values still come from every position): the same output for about 7 % fewer FLOPs in
+    CLIP's 12-layer towers. Scanned, the stack runs in full and the rows are taken after it.
     """
 
     width: int
@@ -278,8 +302,8 @@ class Transformer(nn.Module):
     cache_length: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """x (B, L, width) -> (B, L, width).
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rows: jax.Array | None = None) -> jax.Array:
+        """x (B, L, width) -> (B, L, width), or (B, width) at `rows` (B,) int positions.
 
         mask: bool, True = may attend, broadcastable to (B, heads, L, L) (see
           `MultiHeadAttention`); with `per_layer_mask`, (layers, ...) of such masks.
@@ -314,7 +338,8 @@ class Transformer(nn.Module):
                 metadata_params={nn.PARTITION_NAME: None},
             )
             x, _ = scanned(name="resblocks", **kwargs)(x, mask)
-            return x
+            return x if rows is None else jnp.take_along_axis(x, rows[:, None, None], axis=1)[:, 0]
         for i in range(self.layers):
-            x, _ = block(name=f"resblocks_{i}", **kwargs)(x, mask[i] if self.per_layer_mask else mask)
-        return x
+            last_rows = rows if i == self.layers - 1 else None
+            x, _ = block(name=f"resblocks_{i}", **kwargs)(x, mask[i] if self.per_layer_mask else mask, last_rows)
+        return x if rows is None else x[:, 0]  # the last block kept one row per example

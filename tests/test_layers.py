@@ -109,6 +109,38 @@ def test_scanned_stack_equals_unscanned(per_layer_mask, remat):
         assert not np.allclose(np.asarray(shared), np.asarray(want), atol=1e-3)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "padding", "per-example"])
+@pytest.mark.parametrize("stack", ["unrolled", "remat", "scanned"])
+def test_rows_equal_the_full_stack_at_those_positions(mask_kind, stack):
+    """`rows`: each example's output at one position (class token, end-of-text) equals the full
+    stack's output there, for every mask shape; unrolled, the last block's queries, output
+    projection and MLP really run for those rows alone (XLA's FLOP count drops)."""
+    layers, length = 3, 6
+    rng = np.random.default_rng(2)
+    x = jax.random.normal(jax.random.key(1), (B, length, D))
+    mask = {"none": None, "causal": jnp.asarray(np.tril(np.ones((length, length), bool))),
+            "padding": jnp.asarray(_random_mask(rng, (B, 1, 1, length))),
+            "per-example": jnp.asarray(_random_mask(rng, (B, HEADS, length, length)))}[mask_kind]
+    rows = jnp.asarray([length - 1, 2], jnp.int32)  # a different position per example
+    kwargs = dict(width=D, layers=layers, heads=HEADS, mlp_dim=2 * D, act="quick_gelu", remat=stack == "remat")
+    unscanned = Transformer(**kwargs)
+    params = nn.meta.unbox(unscanned.init(jax.random.key(0), x, mask)["params"])
+    full = np.asarray(unscanned.apply({"params": params}, x, mask))
+    want = full[np.arange(B), np.asarray(rows)]  # (B, D)
+    if stack == "scanned":
+        model, variables = Transformer(**kwargs, scan_layers=True), {"params": _stack_layers(params, layers)}
+    else:
+        model, variables = unscanned, {"params": params}
+    got = model.apply(variables, x, mask, rows=rows)
+    assert got.shape == (B, D)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(want, full[:, 0], atol=1e-3)  # the rows really pick different positions
+    if stack == "unrolled":
+        flops = lambda f: jax.jit(f).lower(x).compile().cost_analysis()["flops"]  # noqa: E731
+        every_row = flops(lambda x: unscanned.apply({"params": params}, x, mask)[:, 0])
+        assert flops(lambda x: unscanned.apply({"params": params}, x, mask, rows=rows)) < 0.9 * every_row
+
+
 def test_per_layer_mask_needs_one_mask_per_layer():
     x = jnp.zeros((1, 4, D))
     model = Transformer(D, 3, HEADS, 2 * D, "gelu", per_layer_mask=True)
