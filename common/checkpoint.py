@@ -126,7 +126,13 @@ def _write_replicated_arrays_whole() -> None:
         return  # someone else's handler, or an orbax whose handler no longer has this setting
     handler = copy.copy(current)
     handler._use_replica_parallel = False
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    # orbax warns on every override; this one is deliberate, so its warning is not shown to users.
+    absl_log, quiet = logging.getLogger("absl"), lambda record: "overriding" not in record.getMessage()
+    absl_log.addFilter(quiet)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_log.removeFilter(quiet)
 
 
 _REPLICATED_WHOLE = False

@@ -1,6 +1,8 @@
 """common/checkpoint.py: sharded round trips, resharding, keep-N, metadata,
 async saves, clear errors, and atomicity under SIGKILL of a real process."""
+import copy
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -341,3 +344,19 @@ def test_replicated_arrays_are_written_whole_in_one_process(tmp_path, mesh8, mon
         restored, _ = ckpt.restore(1, target=abstract_like(state, replicated))
     assert slices == []
     assert_bitwise_equal(restored, jax.tree.map(np.asarray, state))
+
+
+def test_replacing_orbaxs_array_handler_is_silent(tmp_path, monkeypatch, caplog):
+    """Opening a manager swaps orbax's default jax.Array handler (above) without orbax's override warning."""
+    from common import checkpoint
+
+    default = copy.copy(ocp.type_handlers.get_type_handler(jax.Array))
+    default._use_replica_parallel = True  # orbax's own default, as in a fresh process
+    ocp.type_handlers.register_type_handler(jax.Array, default, override=True)
+    monkeypatch.setattr(checkpoint, "_REPLICATED_WHOLE", False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        with CheckpointManager(tmp_path, async_save=False):
+            pass
+    assert ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel is False
+    assert [r.getMessage() for r in caplog.records if "overriding" in r.getMessage()] == []
