@@ -25,6 +25,7 @@ from clip_jax import resize, text, weights
 from clip_jax.model import CLIP, dummy_inputs
 from clip_jax.variants import CLIPConfig, decode_variant, known_variants
 from common.images import clip_preprocess
+from common.layers import convolution_jit
 from common.tokenizers import clip_bpe
 
 
@@ -56,8 +57,13 @@ class CLIPBundle:
         return self.config.text.context_length
 
     @functools.cached_property
+    def _jit_images(self):
+        """jax.jit, or for a ModifiedResNet tower `convolution_jit` (XLA's own convolutions on a CPU)."""
+        return convolution_jit if self.config.vision.is_resnet else jax.jit
+
+    @functools.cached_property
     def _encode_image(self):
-        return jax.jit(lambda v, x: self.model.apply(v, x, method=CLIP.encode_image))
+        return self._jit_images(lambda v, x: self.model.apply(v, x, method=CLIP.encode_image))
 
     @functools.cached_property
     def _encode_text(self):
@@ -67,7 +73,7 @@ class CLIPBundle:
 
     @functools.cached_property
     def _logits(self):
-        return jax.jit(lambda v, x, t, length: self.model.apply(v, x, t[:, :length]), static_argnums=3)
+        return self._jit_images(lambda v, x, t, length: self.model.apply(v, x, t[:, :length]), static_argnums=3)
 
     def _checked_images(self, images: Any) -> jax.Array:
         images = jnp.asarray(images)

@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common.layers import convolution_jit
 from dalle_jax.dvae import Decoder, DVAEConfig, Encoder, map_pixels, stats_to_pixels
 from dalle_jax.dvae_weights import infer_config, params_from_state_dict, read_state_dict
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+@functools.partial(convolution_jit, static_argnames=("config", "dtype"))
 def encode_to_codes(params: Any, images: jax.Array, *, config: DVAEConfig, dtype: Any = jnp.float32) -> jax.Array:
     """(B, H, W, C) images in [0, 1] -> (B, H/f, W/f) int32 codes: the argmax of the encoder's
     logits on `map_pixels(images)` (the reference usage notebook)."""
@@ -23,7 +24,7 @@ def encode_to_codes(params: Any, images: jax.Array, *, config: DVAEConfig, dtype
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+@functools.partial(convolution_jit, static_argnames=("config", "dtype"))
 def decode_to_images(params: Any, codes: jax.Array, *, config: DVAEConfig, dtype: Any = jnp.float32) -> jax.Array:
     """(B, h, w) int codes -> (B, h*f, w*f, C) float32 images in [0, 1]: `unmap_pixels(sigmoid(mu))`."""
     return stats_to_pixels(Decoder(config, dtype).apply({"params": params}, codes))

@@ -200,3 +200,48 @@ def test_pointwise_convolutions_run_as_matmuls_with_the_convolutions_values():
         np.testing.assert_array_equal(conv_general_dilated(x, kernel, **kw),
                                       jax.lax.conv_general_dilated(x, kernel, **kw))
         assert "conv_general_dilated" in primitives(**kw)
+
+
+def _conv_then_dot(x, w, m):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(-1, y.shape[-1]) @ m
+
+
+def _conv_dot_args():
+    keys = jax.random.split(jax.random.key(0), 3)
+    return (jax.random.normal(keys[0], (8, 56, 56, 64)), jax.random.normal(keys[1], (3, 3, 64, 64)) / 24,
+            jax.random.normal(keys[2], (64, 64)) / 8)
+
+
+def test_convolution_jit_keeps_convolutions_out_of_ynnpack_on_cpu():
+    """On XLA's CPU backend a large 3x3 convolution compiles as XLA's own convolution, the dot still as a
+    YNNPACK fusion (jax.jit gives both to YNNPACK on jaxlib 0.10); the values are jax.jit's."""
+    from common.layers import convolution_jit
+
+    args = _conv_dot_args()
+    ours = convolution_jit(_conv_then_dot)
+    fusions = [line for line in ours.lower(*args).compile().as_text().splitlines()
+               if "ynn_fusion" in line and " fusion(" in line]
+    assert any("dot_general" in line for line in fusions), fusions
+    assert not any("conv_general_dilated" in line for line in fusions), fusions
+    np.testing.assert_allclose(np.asarray(ours(*args)), np.asarray(jax.jit(_conv_then_dot)(*args)),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_convolution_jit_falls_back_to_jax_jit_when_xla_refuses_its_option(monkeypatch):
+    from common import layers
+
+    monkeypatch.setitem(layers._CPU_CONVOLUTION_OPTIONS, "xla_cpu_experimental_ynn_fusion_type", "NO_SUCH_TYPE")
+    monkeypatch.setattr(layers, "_cpu_options_supported", True)
+    args = _conv_dot_args()
+    got = layers.convolution_jit(_conv_then_dot)(*args)
+    assert layers._cpu_options_supported is False
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(_conv_then_dot)(*args)))
+
+
+def test_convolution_jit_nests_inside_another_jit():
+    from common.layers import convolution_jit
+
+    args = _conv_dot_args()
+    got = jax.jit(lambda *a: convolution_jit(_conv_then_dot)(*a) + 1)(*args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(_conv_then_dot)(*args)) + 1, rtol=1e-5, atol=1e-4)
