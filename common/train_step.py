@@ -18,6 +18,7 @@ import optax
 
 from common import checkpoint as ckpt
 from common import optim, sharding
+from common.layers import cpu_compiler_options
 
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
@@ -156,4 +157,5 @@ def jit_train_step(task: Task, tx: optax.GradientTransformation, mesh: jax.shard
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=cpu_compiler_options(),  # on a CPU, XLA's own convolutions (common.layers)
     )

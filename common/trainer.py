@@ -50,6 +50,7 @@ from common import checkpoint as ckpt
 from common import metrics as metrics_lib
 from common import memory, optim, run_guard, sharding
 from common.config import dataclass_from
+from common.layers import cpu_compiler_options
 from common.train_step import (  # noqa: F401  (the trainer's public names, defined there)
     Batch,
     Metrics,
@@ -244,6 +245,7 @@ class Trainer:
                 in_shardings=(self.state_shardings.params, self.state_shardings.model_state,
                               self._batch_shardings(batch)),
                 out_shardings=sharding.replicated(self.mesh),
+                compiler_options=cpu_compiler_options(),
             )
         return self._eval_step
 

@@ -232,11 +232,14 @@ def test_convolution_jit_falls_back_to_jax_jit_when_xla_refuses_its_option(monke
     from common import layers
 
     monkeypatch.setitem(layers._CPU_CONVOLUTION_OPTIONS, "xla_cpu_experimental_ynn_fusion_type", "NO_SUCH_TYPE")
-    monkeypatch.setattr(layers, "_cpu_options_supported", True)
-    args = _conv_dot_args()
-    got = layers.convolution_jit(_conv_then_dot)(*args)
-    assert layers._cpu_options_supported is False
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(_conv_then_dot)(*args)))
+    layers._cpu_options_accepted.cache_clear()
+    try:
+        assert layers.cpu_compiler_options() is None
+        args = _conv_dot_args()
+        got = layers.convolution_jit(_conv_then_dot)(*args)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(_conv_then_dot)(*args)))
+    finally:
+        layers._cpu_options_accepted.cache_clear()
 
 
 def test_convolution_jit_nests_inside_another_jit():
