@@ -2,9 +2,8 @@
 
 Mirrors OpenAI clip/model.py: `LayerNorm` (statistics in fp32), `QuickGELU`,
 `ResidualAttentionBlock` (pre-norm attention + MLP) and `Transformer`. Attention follows
-`torch.nn.MultiheadAttention` (biases on q/k/v/out, scores scaled by head_dim ** -0.5) and
-runs through `jax.nn.dot_product_attention`, which keeps the scores and softmax in fp32
-whatever the compute dtype. Masks are boolean, True = may attend. `conv_general_dilated` is
+`torch.nn.MultiheadAttention` (biases on q/k/v/out, scores scaled by head_dim ** -0.5);
+`attend` keeps the scores and softmax in fp32 whatever the compute dtype. Masks are boolean, True = may attend. `conv_general_dilated` is
 the convolution of the convolutional models (ModifiedResNet, dVAE): pointwise convolutions run as
 matmuls.
 """
@@ -186,6 +185,31 @@ class HeadProjection(nn.Module):
         return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+    """softmax(scale q.k, masked) v: q (B, Lq, H, Dh), k and v (B, Lk, H, Dh) -> (B, Lq, H, Dh).
+
+    mask: bool, True = may attend, broadcastable to (B, H, Lq, Lk). Scores, their maximum, the
+    exponentials and their sum are fp32 whatever the inputs' dtype (bf16 accumulates in fp32);
+    the exponentials (at most 1) are cast to v's dtype for the product with v, and the result is
+    divided by the sum after that product, as flash attention does: a division per output
+    element instead of per score. A row with every key masked averages v evenly, as
+    `jax.nn.dot_product_attention` does.
+
+    The scores are laid out (B, H, Lq, Lk) and the product with v written (B, H, Lq, Dh), one
+    transpose of the output back. XLA's CPU backend ran `jax.nn.dot_product_attention` (its
+    products in the (B, Lq, H, Dh) layout, normalised before v) 1.3-2.5x slower at CLIP's and
+    DALL·E's lengths: ViT-B/16's 197 positions 23 -> 9 ms a layer at batch 4, its whole
+    encode_image 1309 -> 1220 ms; a decoding step over a 1,280-key cache gains only 4 %.
+    """
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))  # (B, H, Lq, Lk) in (0, 1]
+    out = jnp.einsum("bhqk,bkhd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / weights.sum(axis=-1, keepdims=True)
+    return out.astype(q.dtype).transpose(0, 2, 1, 3)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with biased q/k/v/out projections (torch.nn.MultiheadAttention).
 
@@ -193,10 +217,8 @@ class MultiHeadAttention(nn.Module):
     so heads shard over the tensor axis without reshapes. `out_features` defaults to the
     input width (the ResNet attention pool projects to the CLIP embedding instead).
 
-    The scores, mask and softmax are `jax.nn.dot_product_attention`'s XLA path: q.k in fp32
-    (bf16 inputs accumulate in fp32), scaled, masked, softmax in fp32, probabilities cast to
-    the compute dtype for the product with v. On CPU that equals, bit for bit in fp32 and bf16,
-    the explicit einsum-softmax it replaced, so no separate fp32 path is kept.
+    The scores, mask and softmax are `attend`: q.k and the softmax in fp32 whatever the
+    compute dtype, normalised after the product with v.
 
     cache_length > 0 keeps a key/value cache of that many positions in the "cache" collection
     (autoregressive decoding, as Flax's lm1b example): each call writes its keys and values at
@@ -234,7 +256,7 @@ class MultiHeadAttention(nn.Module):
         v = projection("value")(inputs_kv)  # (B, Lk, H, Dh)
         if self.cache_length:
             k, v = self._extend_cache(k, v)  # (B, cache_length, H, Dh) each
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5)  # (B, Lq, H, Dh)
+        out = attend(q, k, v, mask, head_dim**-0.5)  # (B, Lq, H, Dh)
         return HeadProjection(
             (self.out_features or width,), 2, ("heads", "head_dim", "embed"), self.out_std, **dtypes, name="out"
         )(out)

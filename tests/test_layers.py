@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common.layers import LayerNorm, MultiHeadAttention, Transformer
+from common.layers import LayerNorm, MultiHeadAttention, Transformer, attend
 
 B, LQ, LK, D, HEADS = 2, 5, 7, 16, 4
 
@@ -53,6 +53,34 @@ def test_masked_attention_equals_numpy_softmax(mask_shape):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
     unmasked = attn.apply({"params": params}, xq, xkv)
     assert not np.allclose(np.asarray(unmasked), want, atol=1e-3), "the mask changed nothing"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_attend_equals_jax_dot_product_attention_in_values_and_gradients(dtype):
+    """`attend` normalises after the product with v; jax's XLA attention before. Same values and
+    gradients, masks with a fully masked query row (both average v evenly) included."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, n, HEADS, 8)), dtype) for n in (LQ, LK, LK))
+    mask = _random_mask(rng, (B, 1, LQ, LK))
+    mask[1, 0, 2] = False  # one query row that may attend nowhere
+    mask = jnp.asarray(mask)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=2e-2, rtol=2e-2)
+
+    def ours(q, k, v):
+        return attend(q, k, v, mask, 8**-0.5)
+
+    def jaxs(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=8**-0.5)
+
+    got, want = ours(q, k, v), jaxs(q, k, v)
+    assert got.dtype == dtype and got.shape == (B, LQ, HEADS, 8)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+    np.testing.assert_allclose(np.asarray(got[1, 2], np.float32), np.asarray(v[1].mean(0), np.float32), **tol)
+    cotangent = jnp.asarray(rng.normal(size=got.shape), dtype)
+    grads = [jax.vjp(f, q, k, v)[1](cotangent) for f in (ours, jaxs)]
+    for g_ours, g_jax in zip(*grads):
+        np.testing.assert_allclose(np.asarray(g_ours, np.float32), np.asarray(g_jax, np.float32), **tol)
+    assert float(jnp.abs(grads[0][0]).max()) > 1e-3, "the gradient vanished"
 
 
 def test_attention_rejects_non_boolean_mask():
