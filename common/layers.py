@@ -186,7 +186,7 @@ class HeadProjection(nn.Module):
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
-    """softmax(scale q.k, masked) v: q (B, Lq, H, Dh), k and v (B, Lk, H, Dh) -> (B, Lq, H, Dh).
+    """softmax(scale q.k, masked) v: q (B, Lq, H, Dh), k and v heads-major (B, H, Lk, Dh) -> (B, Lq, H, Dh).
 
     mask: bool, True = may attend, broadcastable to (B, H, Lq, Lk). Scores, their maximum, the
     exponentials and their sum are fp32 whatever the inputs' dtype (bf16 accumulates in fp32);
@@ -195,17 +195,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, sca
     element instead of per score. A row with every key masked averages v evenly, as
     `jax.nn.dot_product_attention` does.
 
-    The scores are laid out (B, H, Lq, Lk) and the product with v written (B, H, Lq, Dh), one
-    transpose of the output back. XLA's CPU backend ran `jax.nn.dot_product_attention` (its
-    products in the (B, Lq, H, Dh) layout, normalised before v) 1.3-2.5x slower at CLIP's and
-    DALL·E's lengths: ViT-B/16's 197 positions 23 -> 9 ms a layer at batch 4, its whole
-    encode_image 1309 -> 1220 ms; a decoding step over a 1,280-key cache gains only 4 %.
+    Keys and values come heads-major, the scores are laid out (B, H, Lq, Lk) and the product
+    with v written (B, H, Lq, Dh), one transpose of the output back. XLA's CPU backend ran
+    `jax.nn.dot_product_attention` (its products in the (B, L, H, Dh) layout, normalised before
+    v) 1.3-2.5x slower at CLIP's and DALL·E's lengths: ViT-B/16's 197 positions 23 -> 9 ms a
+    layer at batch 4, its whole encode_image 1309 -> 1220 ms. A key/value cache kept heads-major
+    is read in place: one decoding step's attention over 1,280 cached keys (batch 8, 16 heads)
+    took 65 ms with the cache (B, L, H, Dh), which XLA copied into this layout at every step, and 12 ms so.
     """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
     weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))  # (B, H, Lq, Lk) in (0, 1]
-    out = jnp.einsum("bhqk,bkhd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out / weights.sum(axis=-1, keepdims=True)
     return out.astype(q.dtype).transpose(0, 2, 1, 3)
 
@@ -220,8 +222,9 @@ class MultiHeadAttention(nn.Module):
     The scores, mask and softmax are `attend`: q.k and the softmax in fp32 whatever the
     compute dtype, normalised after the product with v.
 
-    cache_length > 0 keeps a key/value cache of that many positions in the "cache" collection
-    (autoregressive decoding, as Flax's lm1b example): each call writes its keys and values at
+    cache_length > 0 keeps a key/value cache of that many positions in the "cache" collection,
+    heads-major (B, heads, cache_length, head_dim) as `attend` reads it (autoregressive decoding,
+    as Flax's lm1b example): each call writes its keys and values at
     the cache's index, advances the index by Lq, and attends over the whole cache; the mask
     is then (Lq, cache_length), the rows of the full mask for the positions written.
     """
@@ -252,25 +255,25 @@ class MultiHeadAttention(nn.Module):
             (self.num_heads, head_dim), 1, ("embed", "heads", "head_dim"), self.qkv_std, **dtypes, name=name
         )
         q = projection("query")(inputs_q)  # (B, Lq, H, Dh)
-        k = projection("key")(inputs_kv)  # (B, Lk, H, Dh)
-        v = projection("value")(inputs_kv)  # (B, Lk, H, Dh)
+        k = projection("key")(inputs_kv).transpose(0, 2, 1, 3)  # (B, H, Lk, Dh): `attend` reads them heads-major
+        v = projection("value")(inputs_kv).transpose(0, 2, 1, 3)
         if self.cache_length:
-            k, v = self._extend_cache(k, v)  # (B, cache_length, H, Dh) each
+            k, v = self._extend_cache(k, v)  # (B, H, cache_length, Dh) each
         out = attend(q, k, v, mask, head_dim**-0.5)  # (B, Lq, H, Dh)
         return HeadProjection(
             (self.out_features or width,), 2, ("heads", "head_dim", "embed"), self.out_std, **dtypes, name="out"
         )(out)
 
     def _extend_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Writes k, v (B, n, H, Dh) at the cache index; returns the whole cache."""
-        shape = (k.shape[0], self.cache_length, *k.shape[2:])
+        """Writes k, v (B, H, n, Dh) at the cache index; returns the whole cache (B, H, cache_length, Dh)."""
+        shape = (*k.shape[:2], self.cache_length, k.shape[3])
         cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        start = (0, index.value, 0, 0)
+        start = (0, 0, index.value, 0)
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
-        index.value = index.value + k.shape[1]
+        index.value = index.value + k.shape[2]
         return cached_k.value, cached_v.value
 
 

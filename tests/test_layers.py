@@ -61,13 +61,14 @@ def test_attend_equals_jax_dot_product_attention_in_values_and_gradients(dtype):
     gradients, masks with a fully masked query row (both average v evenly) included."""
     rng = np.random.default_rng(3)
     q, k, v = (jnp.asarray(rng.normal(size=(B, n, HEADS, 8)), dtype) for n in (LQ, LK, LK))
+    heads_major = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  (B, H, Lk, Dh), as attend takes k and v
     mask = _random_mask(rng, (B, 1, LQ, LK))
     mask[1, 0, 2] = False  # one query row that may attend nowhere
     mask = jnp.asarray(mask)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=2e-2, rtol=2e-2)
 
     def ours(q, k, v):
-        return attend(q, k, v, mask, 8**-0.5)
+        return attend(q, heads_major(k), heads_major(v), mask, 8**-0.5)
 
     def jaxs(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=8**-0.5)
