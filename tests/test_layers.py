@@ -1,5 +1,8 @@
 """common/layers.py: masked attention against a NumPy softmax, scanned against unscanned
 stacks on the same weights, and LayerNorm statistics in fp32 under bf16 inputs."""
+import math
+import re
+
 import flax.linen as nn
 import jax
 import jax.extend
@@ -277,3 +280,32 @@ def test_convolution_jit_nests_inside_another_jit():
     args = _conv_dot_args()
     got = jax.jit(lambda *a: convolution_jit(_conv_then_dot)(*a) + 1)(*args)
     np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(_conv_then_dot)(*args)) + 1, rtol=1e-5, atol=1e-4)
+
+
+def test_a_decoding_step_reads_the_key_value_cache_in_place():
+    """One cached decoding step (its cache donated, as the sampler's loop carries it) writes its
+    key and value into the cache and attends over it without copying or transposing it: no op
+    of the compiled step but the cache update produces a cache-sized array. A cache kept
+    (B, L, H, Dh) was copied into attention's heads-major layout at every step."""
+    batch, cache_length, width, heads = 2, 64, 32, 4
+    attn = MultiHeadAttention(heads, qkv_std=0.5, out_std=0.5, cache_length=cache_length)
+    x = jnp.ones((batch, 1, width))
+    variables = attn.init(jax.random.key(0), x, x)
+    mask = jnp.ones((1, cache_length), bool)
+
+    def step(params, cache, x):
+        return attn.apply({"params": params, "cache": cache}, x, x, mask, mutable=["cache"])
+
+    assert variables["cache"]["cached_key"].shape == (batch, heads, cache_length, width // heads)
+    hlo = jax.jit(step, donate_argnums=1).lower(variables["params"], variables["cache"], x).compile().as_text()
+    cache_size = batch * cache_length * width
+    makers = []  # (instruction name, opcode) of every op whose result is as large as a cache
+    for line in hlo[hlo.index("ENTRY"):].splitlines():
+        found = re.match(r"\s*(?:ROOT )?%(\S+) = f32\[([\d,]+)\]\S* (\S+)\(", line)
+        if found and math.prod(int(d) for d in found.group(2).split(",")) == cache_size:
+            makers.append((found.group(1), found.group(3)))
+    assert any("dynamic-update-slice" in name for name, _ in makers), makers
+    assert all("dynamic-update-slice" in name or op == "parameter" for name, op in makers), makers
+    out, updated = step(variables["params"], variables["cache"], x)
+    assert out.shape == (batch, 1, width)
+    assert int(updated["cache"]["cache_index"]) == int(variables["cache"]["cache_index"]) + 1
