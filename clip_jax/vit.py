@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.variants import VisionConfig
-from common.layers import Dtype, LayerNorm, Transformer, partitioned, torch_default_kernel_init
+from common.layers import Dtype, LayerNorm, Transformer, conv_general_dilated, partitioned, torch_default_kernel_init
 
 
 class VisionTransformer(nn.Module):
@@ -46,6 +46,7 @@ class VisionTransformer(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="conv1",
+            conv_general_dilated=conv_general_dilated,  # patches as one matmul (3x XLA CPU's strided conv)
         )(images.astype(self.dtype))  # (B, grid, grid, width)
         batch = x.shape[0]
         x = x.reshape(batch, -1, width)  # (B, grid**2, width), row-major patches as torch's flatten

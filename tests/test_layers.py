@@ -234,6 +234,35 @@ def test_pointwise_convolutions_run_as_matmuls_with_the_convolutions_values():
         assert "conv_general_dilated" in primitives(**kw)
 
 
+def test_patch_convolutions_run_as_matmuls_with_the_convolutions_values():
+    """A kernel as large as its stride (the ViT's patch embedding) is a matmul over each patch: 2-D
+    and 1-D, square and not, "VALID" dropping a remainder, "SAME" where nothing is padded."""
+    from common.layers import conv_general_dilated
+
+    rng = np.random.default_rng(1)
+
+    def check(x, kernel, strides, padding, dn, matmul: bool):
+        ours = conv_general_dilated(x, kernel, strides, padding, dimension_numbers=dn)
+        ref = jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=dn)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+        ops = {e.primitive.name for e in jax.make_jaxpr(
+            lambda a, b: conv_general_dilated(a, b, strides, padding, dimension_numbers=dn))(x, kernel).jaxpr.eqns}
+        assert ("conv_general_dilated" not in ops) == matmul, (strides, padding, ops)
+
+    nhwc = ("NHWC", "HWIO", "NHWC")
+    x = jnp.asarray(rng.standard_normal((2, 9, 14, 5)), jnp.float32)
+    # (4, 4) "VALID": 9 x 14 keeps 8 x 12; "SAME" would pad it
+    for patch, padding, matmul in [((3, 7), "VALID", True), ((4, 4), "VALID", True),
+                                   ((3, 7), "SAME", True), ((4, 4), "SAME", False),
+                                   ((3, 7), ((0, 0), (0, 0)), True), ((3, 7), ((0, 3), (0, 0)), False)]:
+        kernel = jnp.asarray(rng.standard_normal((*patch, 5, 6)), jnp.float32)
+        check(x, kernel, patch, padding, nhwc, matmul)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 5, 6)), jnp.float32)
+    check(x, kernel, (3, 2), "VALID", nhwc, False)  # overlapping windows: the convolution
+    x1 = jnp.asarray(rng.standard_normal((2, 10, 3)), jnp.float32)
+    check(x1, jnp.asarray(rng.standard_normal((5, 3, 4)), jnp.float32), (5,), "VALID", ("NWC", "WIO", "NWC"), True)
+
+
 def _conv_then_dot(x, w, m):
     y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y.reshape(-1, y.shape[-1]) @ m

@@ -33,7 +33,7 @@ class Settings:
     """What every benchmark sizes itself by."""
 
     accelerator: bool  # a GPU or TPU: full-size batches and bf16 where a benchmark says so
-    repeats: int = 3  # timed calls per side after the warm-up call
+    repeats: int = 5  # timed calls per side after the warm-up call
     toy: bool = False  # tiny sizes: checks the runner end to end (tests), numbers mean nothing
     peak_flops_per_s: float | None = None  # a CPU's measured attainable fp32 peak (peaks.measure_cpu_peak)
 
