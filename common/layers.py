@@ -220,7 +220,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, sca
     v) 1.3-2.5x slower at CLIP's and DALL·E's lengths: ViT-B/16's 197 positions 23 -> 9 ms a
     layer at batch 4, its whole encode_image 1309 -> 1220 ms. A key/value cache kept heads-major
     is read in place: one decoding step's attention over 1,280 cached keys (batch 8, 16 heads)
-    took 65 ms with the cache (B, L, H, Dh), which XLA copied into this layout at every step, and 12 ms so.
+    took 65 ms from a (B, L, H, Dh) cache, which XLA copied into this layout at every step, and
+    takes 12 ms from a heads-major one.
     """
     scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
     if mask is not None:
