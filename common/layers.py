@@ -47,9 +47,9 @@ def _patch_shape(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_di
     kernel_last = (n - 1, n - 2, *range(n - 2))  # ...IO
     if not (dn.lhs_spec == channels_last and dn.out_spec == channels_last and dn.rhs_spec == kernel_last):
         return None
-    divides = all(size % p == 0 for size, p in zip(lhs.shape[1:-1], patch))
     if padding == "VALID" or (not isinstance(padding, str) and all(tuple(pad) == (0, 0) for pad in padding)):
         return patch
+    divides = all(size % p == 0 for size, p in zip(lhs.shape[1:-1], patch))
     return patch if padding in ("SAME", "SAME_LOWER") and divides else None
 
 

@@ -200,6 +200,14 @@ def test_layernorm_statistics_in_fp32_under_bf16():
     assert np.abs(np.asarray(naive, np.float64) - want).max() > 5 * tol
 
 
+def _conv_primitives(x, kernel, *args, **kw) -> set[str]:
+    """The primitives `common.layers.conv_general_dilated` traces to on these arguments."""
+    from common.layers import conv_general_dilated
+
+    return {e.primitive.name for e in jax.make_jaxpr(lambda a, b: conv_general_dilated(a, b, *args, **kw))(
+        x, kernel).jaxpr.eqns}
+
+
 def test_pointwise_convolutions_run_as_matmuls_with_the_convolutions_values():
     from common.layers import conv_general_dilated
 
@@ -207,16 +215,12 @@ def test_pointwise_convolutions_run_as_matmuls_with_the_convolutions_values():
     x = jnp.asarray(rng.standard_normal((2, 6, 5, 8)), jnp.float32)
     nhwc = ("NHWC", "HWIO", "NHWC")
 
-    def primitives(*args, **kw):
-        return {e.primitive.name for e in jax.make_jaxpr(lambda a, b: conv_general_dilated(a, b, *args, **kw))(
-            x, kernel).jaxpr.eqns}
-
     kernel = jnp.asarray(rng.standard_normal((1, 1, 8, 12)), jnp.float32)
     for padding in ("SAME", "VALID", ((0, 0), (0, 0))):
         ours = conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=nhwc)
         ref = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=nhwc)
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
-        ops = primitives((1, 1), padding, dimension_numbers=nhwc)
+        ops = _conv_primitives(x, kernel, (1, 1), padding, dimension_numbers=nhwc)
         assert "dot_general" in ops and "conv_general_dilated" not in ops
     # Anything else is the convolution itself, bitwise: strides, padding, dilation, 3x3 kernels, groups,
     # channels-first layouts.
@@ -231,7 +235,7 @@ def test_pointwise_convolutions_run_as_matmuls_with_the_convolutions_values():
     for kernel, kw in cases:
         np.testing.assert_array_equal(conv_general_dilated(x, kernel, **kw),
                                       jax.lax.conv_general_dilated(x, kernel, **kw))
-        assert "conv_general_dilated" in primitives(**kw)
+        assert "conv_general_dilated" in _conv_primitives(x, kernel, **kw)
 
 
 def test_patch_convolutions_run_as_matmuls_with_the_convolutions_values():
@@ -245,8 +249,7 @@ def test_patch_convolutions_run_as_matmuls_with_the_convolutions_values():
         ours = conv_general_dilated(x, kernel, strides, padding, dimension_numbers=dn)
         ref = jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=dn)
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
-        ops = {e.primitive.name for e in jax.make_jaxpr(
-            lambda a, b: conv_general_dilated(a, b, strides, padding, dimension_numbers=dn))(x, kernel).jaxpr.eqns}
+        ops = _conv_primitives(x, kernel, strides, padding, dimension_numbers=dn)
         assert ("conv_general_dilated" not in ops) == matmul, (strides, padding, ops)
 
     nhwc = ("NHWC", "HWIO", "NHWC")

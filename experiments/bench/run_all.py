@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("experiments/bench/results"))
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=BENCHMARKS,
                         help="a subset (run in the default's order)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per side after the warm-up call")
+    parser.add_argument("--repeats", type=int, default=harness.Settings.repeats, help="timed calls per side after the warm-up call")
     parser.add_argument("--toy", action="store_true", help="tiny sizes: checks the runner, the numbers mean nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(harness.cpu_cores())
