@@ -130,7 +130,8 @@ class AttentionPool2d(nn.Module):
         )
         x = x + positional_embedding.astype(x.dtype)
         std = channels**-0.5  # OpenAI: c_proj.in_features ** -0.5 for q, k, v and c
-        # Only the mean token's output is kept, so only it is used as a query.
+        # Only the mean token's output is kept, so only it is used as a query (and then the keys and values
+        # are never projected: MultiHeadAttention attends through their kernels).
         out = MultiHeadAttention(
             self.num_heads, std, std, self.out_features, self.dtype, self.param_dtype, name="attn"
         )(x[:, :1], x)  # (B, 1, out_features)

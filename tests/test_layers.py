@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import layers
 from common.layers import LayerNorm, MultiHeadAttention, Transformer, attend
 
 B, LQ, LK, D, HEADS = 2, 5, 7, 16, 4
@@ -85,6 +86,55 @@ def test_attend_equals_jax_dot_product_attention_in_values_and_gradients(dtype):
     for g_ours, g_jax in zip(*grads):
         np.testing.assert_allclose(np.asarray(g_ours, np.float32), np.asarray(g_jax, np.float32), **tol)
     assert float(jnp.abs(grads[0][0]).max()) > 1e-3, "the gradient vanished"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lq,lk", [(1, 12), (2, 40)])
+def test_few_queries_attend_through_the_projections_with_the_same_values_and_gradients(lq, lk, dtype, monkeypatch):
+    """One query (an attention pool, a last block's class row) against many positions goes through the
+    key and value kernels instead of projecting every position: the NumPy softmax's values, and the
+    values and gradients of the projecting path forced on the same weights."""
+    assert layers.projects_through_the_query(lq, lk, D, HEADS)
+    assert not layers.projects_through_the_query(lk, lk, D, HEADS), "self-attention projects its keys"
+    rng = np.random.default_rng(4)
+    xq, xkv = (jnp.asarray(rng.normal(size=(B, n, D)), dtype) for n in (lq, lk))
+    mask = _random_mask(rng, (B, 1, lq, lk))
+    mask[1, 0, lq - 1] = False  # one query row that may attend nowhere: it averages the values evenly
+    mask = jnp.asarray(mask)
+    attn = MultiHeadAttention(HEADS, qkv_std=0.5, out_std=0.5, dtype=dtype)
+    params = nn.meta.unbox(attn.init(jax.random.key(0), xq, xkv)["params"])
+    params = jax.tree.map(lambda a: a + 0.3 * rng.normal(size=a.shape).astype(np.float32), params)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == jnp.float32 else dict(atol=2e-2, rtol=2e-2)
+
+    def run(params, xq, xkv):
+        return attn.apply({"params": params}, xq, xkv, mask)
+
+    def dots(fn):  # the dot_generals' output shapes
+        jaxpr = jax.make_jaxpr(fn)(params, xq, xkv).jaxpr
+        return [eqn.outvars[0].aval.shape for eqn in _all_eqns(jaxpr) if eqn.primitive.name == "dot_general"]
+
+    got = run(params, xq, xkv)
+    if dtype == jnp.float32:
+        with np.errstate(invalid="ignore"):  # NaN in the row that may attend nowhere
+            want = _numpy_attention(params, np.asarray(xq), np.asarray(xkv), np.asarray(mask))
+        np.testing.assert_allclose(np.asarray(got)[0], want[0], **tol)
+        np.testing.assert_allclose(np.asarray(got)[1, : lq - 1], want[1, : lq - 1], **tol)
+    assert (B, lk, HEADS, D // HEADS) not in dots(lambda *a: run(*a)), "the keys and values were projected"
+    cotangent = jnp.asarray(rng.normal(size=got.shape), dtype)
+    through, vjp_through = jax.vjp(run, params, xq, xkv)
+    monkeypatch.setattr(layers, "projects_through_the_query", lambda *shape: False)
+    assert (B, lk, HEADS, D // HEADS) in dots(lambda *a: run(*a))  # a fresh function: traces are cached
+    projected, vjp_projected = jax.vjp(lambda *a: run(*a), params, xq, xkv)
+    grads_through, grads_projected = vjp_through(cotangent), vjp_projected(cotangent)
+    grads_projected[0]["key"]["bias"] = jnp.zeros_like(grads_projected[0]["key"]["bias"])  # exactly 0 through the query
+    pairs = [(("output",), through, projected)] + [
+        (a[0], a[1], b[1])
+        for a, b in zip(*(jax.tree_util.tree_flatten_with_path(g)[0] for g in (grads_through, grads_projected)))
+    ]
+    for path, a, b in pairs:  # relative to the largest entry: bf16 rounds each path differently (~0.7 % each)
+        scale = float(jnp.abs(b.astype(jnp.float32)).max())
+        np.testing.assert_allclose(np.asarray(a, np.float32) / scale, np.asarray(b, np.float32) / scale,
+                                   err_msg=jax.tree_util.keystr(path), **tol)
 
 
 def test_attention_rejects_non_boolean_mask():
