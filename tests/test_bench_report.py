@@ -48,3 +48,17 @@ def test_roofline_ceiling_is_the_ratio_at_the_measured_peak():
     table = harness.to_markdown(info, [harness.Section("S", "setup", [row])], 1.0)
     assert "| model | images/s | 20.00 | 16.00 | **1.25x** | >= 1.3x | **no** | 1.25x |" in table
     assert "- model: 5 GFLOP per image, ours 100 GFLOP/s = 100% of the measured peak" in table
+
+
+def test_sides_take_turns_in_blocks_so_short_calls_do_not_start_in_the_others_wake():
+    from experiments.bench import harness
+
+    calls = []
+    side = lambda name: lambda: calls.append(name) or 1.0  # noqa: E731
+    result = harness.compare("toy", "items/s", 1, side("o"), side("r"), check=None, target=None, repeats=20)
+    assert calls[:2] == ["o", "r"]  # the warm-up call of each side
+    assert "".join(calls[2:]) == "oorr" * 10  # 20 timed calls a side, in blocks of 20 // 10
+    assert result.ours > 0 and result.reference > 0
+    calls.clear()
+    harness.compare("toy", "items/s", 1, side("o"), side("r"), check=None, target=None, repeats=7, block=3)
+    assert "".join(calls[2:]) == "ooorrrooorrror"  # the last block is what is left

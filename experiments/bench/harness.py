@@ -2,8 +2,9 @@
 
 Every benchmark puts ours next to a reference on the same machine, in the same process, with the
 same weights and inputs. `compare` calls each once to warm up (compilation is reported apart,
-never timed), checks those two outputs agree, then times them alternately `repeats` times, so load
-from other processes falls on both alike; it reports the median and the spread (max - min) / median.
+never timed), checks those two outputs agree, then times `repeats` calls of each, the sides taking
+turns in blocks, so load from other processes falls on both alike; it reports the median and the
+spread (max - min) / median.
 Results are written per machine as `<machine>.md` and `<machine>.json`; in the JSON list
 `results`, `ratio` = ours / reference in the unit's "more is better" sense (> 1: we are faster).
 """
@@ -100,7 +101,7 @@ def max_abs_diff(ours: Any, reference: Any, *, rtol: float = 1e-4, atol: float =
 
 def compare(name: str, unit: str, items: float | tuple[float, float], ours: Callable[[], Any] | Staged,
             reference: Callable[[], Any] | Staged | None, *, check: Callable[[Any, Any], float] | None = max_abs_diff,
-            target: float | None, repeats: int, **detail: Any) -> Result:
+            target: float | None, repeats: int, block: int | None = None, **detail: Any) -> Result:
     """Throughput (items per second) of `ours` and `reference`, each called with no argument (or staged).
 
     items: work per call, or (ours, reference) where the two do different amounts. check(ours
@@ -108,15 +109,24 @@ def compare(name: str, unit: str, items: float | tuple[float, float], ours: Call
     warm-up calls (the timed calls repeat them; a training step's later losses depend on its
     optimizer's schedule). None where the outputs cannot match (the caller checks them apart, says so).
     reference None: ours alone (no reference runs on this device).
+
+    The sides take turns in blocks of `block` calls (default repeats // 10, at least 1), so load
+    from other processes falls on both alike while a short call seldom starts in the other side's
+    wake: torch's OpenMP threads keep spinning for milliseconds after a call and slow whatever
+    runs next on the same cores. Measured on 2 cores, the smoke CLIP training step: ours alone
+    20.6-20.9 ms, right after each torch step 23-32 ms, in blocks of 6 21.0 ms; torch's 39.6-41.1
+    ms alone and 40.3-40.6 ms in blocks. Calls of a second or so lose a few milliseconds at most.
     """
     sides = {"ours": ours} if reference is None else {"ours": ours, "reference": reference}
     first = {side: _timed(fn) for side, fn in sides.items()}
     if check is not None and reference is not None:
         detail["max_abs_diff"] = check(first["ours"][1], first["reference"][1])
     seconds = {side: [] for side in sides}
-    for _ in range(repeats):
+    block = block or max(1, repeats // 10)
+    while len(seconds["ours"]) < repeats:
+        calls = min(block, repeats - len(seconds["ours"]))
         for side, fn in sides.items():
-            seconds[side].append(_timed(fn)[0])
+            seconds[side] += [_timed(fn)[0] for _ in range(calls)]
     rate, spread = {}, {}
     for side, work in zip(sides, items if isinstance(items, tuple) else (items, items)):
         median = statistics.median(seconds[side])
