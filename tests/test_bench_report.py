@@ -62,3 +62,37 @@ def test_sides_take_turns_in_blocks_so_short_calls_do_not_start_in_the_others_wa
     calls.clear()
     harness.compare("toy", "items/s", 1, side("o"), side("r"), check=None, target=None, repeats=7, block=3)
     assert "".join(calls[2:]) == "ooorrrooorrror"  # the last block is what is left
+
+
+def test_accelerator_mode_reports_mfu_and_bandwidth_and_no_cpu_targets_against_a_host_reference(monkeypatch):
+    """`make bench` on a GPU/TPU (toy sizes, run here on the CPU as if it were one, with a known peak):
+    the training step runs without the CPU-only reference and gets an MFU row, cached decoding gets a
+    bandwidth row, and rows whose PyTorch reference runs on the host carry no CPU target."""
+    from experiments.bench import clip_train_bench, dalle_sample_bench, dvae_bench, harness, peaks
+
+    flops_peak, bandwidth = 2e12, 5e11
+    monkeypatch.setattr(peaks, "peak", lambda kind: (flops_peak, bandwidth))
+    settings = harness.Settings(accelerator=True, repeats=1, toy=True)
+    assert settings.cpu_target(1.3) is None and harness.Settings(accelerator=False).cpu_target(1.3) == 1.3
+
+    train = clip_train_bench.run(settings)
+    rows = {r.name: r for r in train.results}
+    step, mfu = rows["CLIP train step"], rows["CLIP train step MFU"]
+    assert step.reference is None and step.target is None and step.met is None and "bfloat16" in train.setup
+    achieved = step.detail["achieved_flops_per_s"]
+    assert achieved > 0 and abs(mfu.ours - 100 * achieved / flops_peak) < 1e-9 * mfu.ours
+    assert mfu.target == clip_train_bench.TARGET_MFU and mfu.met == (mfu.ours >= mfu.target)
+
+    sampling = dalle_sample_bench.run(settings)
+    cached, decode = sampling.results
+    assert cached.reference > 0 and cached.target is None  # 16 image tokens: the 10x target is for 1,024
+    assert decode.name == "KV-cache decode, 16 tokens" and decode.target == dalle_sample_bench.TARGET_BANDWIDTH
+    assert abs(decode.ours - 100 * cached.detail["decode_bytes_per_s"] / bandwidth) < 1e-9 * decode.ours
+
+    dvae = dvae_bench.run(settings)
+    assert all(r.reference > 0 and r.target is None and r.met is None for r in dvae.results)
+
+    info = {**harness.machine_info(), "backend": "gpu", "measured_peak": None}
+    table = harness.to_markdown(info, [train, sampling, dvae], 1.0)
+    assert "| CLIP train step MFU | % of bf16 peak |" in table and "| KV-cache decode, 16 tokens |" in table
+    assert "run on the host CPU" in table and "dVAE encode | images/s" in table

@@ -59,7 +59,7 @@ def _encode_image_row(variant: str, model, bundle, settings: Settings) -> Result
     with torch.inference_mode():
         row = compare(f"{variant} encode_image", "images/s", batch, lambda: bundle.encode_image(images_j),
                       lambda: model.encode_image(images_t).numpy(), check=lambda o, r: max_abs_diff(o, r, **CLOSE),
-                      target=IMAGE_TARGET, repeats=settings.repeats, batch=batch)
+                      target=settings.cpu_target(IMAGE_TARGET), repeats=settings.repeats, batch=batch)
     flops = xla_flops(jax.jit(bundle.encode_image), images_j) if settings.peak_flops_per_s else None
     return add_roofline(row, flops, batch, settings)
 
@@ -74,7 +74,7 @@ def _encode_text_rows(model, bundle, settings: Settings) -> list[Result]:
         with torch.inference_mode():
             rows.append(compare(f"encode_text, {workload}", "captions/s", batch, lambda t=tokens: bundle.encode_text(t),
                                 lambda t=tokens_t: model.encode_text(t).numpy(),
-                                check=lambda o, r: max_abs_diff(o, r, **CLOSE), target=TEXT_TARGET,
+                                check=lambda o, r: max_abs_diff(o, r, **CLOSE), target=settings.cpu_target(TEXT_TARGET),
                                 repeats=settings.repeats, batch=batch, longest_positions=longest))
     return rows
 

@@ -67,25 +67,26 @@ def _reference_step(config, cfg, variables, batch):
     return step
 
 
-def _trainer_step(config, batch: dict, workdir: str):
-    """(trainer, compiled step, XLA's FLOPs per step) of `config` on one device."""
+def _trainer_step(config, batch: dict, workdir: str, count_flops: bool):
+    """(trainer, compiled step, XLA's FLOPs per step or None) of `config` on one device."""
     mesh = sharding.make_mesh("data_parallel", jax.devices()[:1])
     batch_size = len(batch["text"])
     tcfg = TrainerConfig(total_steps=10_000, global_batch_size=batch_size, progress=False)
     trainer = Trainer(make_task(config, mesh), tcfg, dict(config.optim), workdir, mesh=mesh)
     step = trainer.compiled_train_step(sharding.shard_batch(batch, mesh))
-    flops = xla_flops(step, trainer.state, sharding.shard_batch(batch, mesh))
+    flops = xla_flops(step, trainer.state, sharding.shard_batch(batch, mesh)) if count_flops else None
     return trainer, step, mesh, flops
 
 
 def _measure(name: str, config, batch: dict, reference_factory, flops: float | None, target: float | None,
              repeats: int) -> tuple[Result, float]:
     """One row: our compiled training step (host batch placement included) against the reference's.
-    Returns the row and XLA's FLOPs per step of this program."""
+    flops: the work per step where it is known already (XLA's count of the same work unrolled); None: this
+    program's count (a compilation more). Returns the row and the FLOPs per step."""
     cfg = model_config(config.model)
     batch_size = len(batch["text"])
     with tempfile.TemporaryDirectory() as workdir:
-        trainer, step, mesh, own_flops = _trainer_step(config, batch, workdir)
+        trainer, step, mesh, own_flops = _trainer_step(config, batch, workdir, count_flops=flops is None)
         variables = jax.device_get({"params": nn.meta.unbox(trainer.state.params)})
         state = trainer.state
 
@@ -101,17 +102,22 @@ def _measure(name: str, config, batch: dict, reference_factory, flops: float | N
                       target=None if reference is None else target, repeats=repeats, batch=batch_size,
                       scan_layers=bool(config.model.scan_layers), flops_per_step=flops or own_flops)
         trainer.close()
-    return row, own_flops
+    return row, flops or own_flops
 
 
 def run(settings: Settings) -> Section:
-    if settings.accelerator:
+    if settings.toy:  # the runner's paths at smoke size, an accelerator's included (bf16, no reference, MFU)
+        config, batch_size = vit_b32_config("smoke"), 8
+        if settings.accelerator:
+            config.model.dtype = "bfloat16"
+    elif settings.accelerator:
         config, batch_size = vit_b16_config(""), 256
     else:
-        config, batch_size = vit_b32_config("smoke"), 8 if settings.toy else 64
+        config, batch_size = vit_b32_config("smoke"), 64
     cfg = model_config(config.model)
     batch = _batch(cfg, batch_size)
-    repeats = max(settings.repeats, 60)  # a step takes milliseconds on the smoke model: many, for a stable median
+    # A step takes milliseconds on the smoke model: many, for a stable median (toy runs check the paths).
+    repeats = settings.repeats if settings.toy else max(settings.repeats, 60)
     # XLA's cost analysis counts a loop body once, so the FLOPs of a scanned layer stack would be
     # those of one layer: the count (and MFU) comes from the unrolled program, whose work is the same.
     unrolled = config.copy_and_resolve_references()
@@ -132,8 +138,9 @@ def run(settings: Settings) -> Section:
     if device_peak is not None:
         results.append(Result("CLIP train step MFU", "% of bf16 peak", 100 * achieved / device_peak[0], None,
                               TARGET_MFU, detail={"achieved_flops_per_s": achieved, "peak_flops_per_s": device_peak[0]}))
-    model = (f"{config.model.variant} {config.model.dtype}" if settings.accelerator else
-             "smoke CLIP (32px ViT patch 8, width 64, 2+2 layers, context 16), fp32")
+    model = (f"{config.model.variant} {config.model.dtype}" if settings.accelerator and not settings.toy else
+             "smoke CLIP (32px ViT patch 8, width 64, 2+2 layers, context 16), "
+             + ("fp32" if config.model.dtype == "float32" else config.model.dtype))
     return Section("CLIP training step", f"{model}, batch {batch_size} on one device, {repeats} timed steps; first-step "
                    "losses checked equal on the same initial weights. The first row unrolls the layer stacks "
                    "(`model.scan_layers=False`), the second scans them as the recipes do by default (faster "

@@ -38,6 +38,12 @@ class Settings:
     toy: bool = False  # tiny sizes: checks the runner end to end (tests), numbers mean nothing
     peak_flops_per_s: float | None = None  # a CPU's measured attainable fp32 peak (peaks.measure_cpu_peak)
 
+    def cpu_target(self, target: float) -> float | None:
+        """`target` for a row whose PyTorch reference runs on the host CPU: issue 12 sets those ratios
+        for CPU runs, ours and the reference on the same cores. None on an accelerator, where ours runs
+        on the device and the reference still on the CPU (this install's torch is CPU-only)."""
+        return None if self.accelerator else target
+
 
 @dataclasses.dataclass
 class Result:
@@ -225,7 +231,10 @@ def to_markdown(info: dict[str, Any], sections: list[Section], total_s: float) -
              "calls after a warm-up call, spread = (max - min) / median."
              + (f" From the section \"{info['host_malloc_tuned_from']}\" on, both sides run under the host allocator "
                 "settings our trainer applies (glibc keeps freed memory mapped: `common.memory.tune_host_malloc`); "
-                "the sections before it under glibc's defaults." if info.get("host_malloc_tuned_from") else ""), "",
+                "the sections before it under glibc's defaults." if info.get("host_malloc_tuned_from") else "")
+             + (" On this accelerator the PyTorch references still run on the host CPU (this install's torch is "
+                "CPU-only): their ratios compare unlike devices and carry no target; the accelerator's own targets "
+                "are the MFU and bandwidth rows." if info["backend"] != "cpu" else ""), "",
              "| benchmark | unit | ours | reference | ratio | target | met | ceiling | spread ours / ref |",
              "|---|---|---:|---:|---:|---:|:-:|---:|---:|"]
     for section in sections:
