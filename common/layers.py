@@ -438,7 +438,8 @@ class Transformer(nn.Module):
     block then runs its query, output projection and MLP for those rows alone, and attends over
     every position through the key and value kernels (`attend_through_projections`) without
     projecting them: the same output for about 8 % fewer FLOPs in CLIP's 12-layer towers.
-    Scanned, the stack runs in full and the rows are taken after it.
+    Scanned, the first layers - 1 blocks run in the loop and the last block, on its slice of the
+    stacked weights, at the rows alone as above (at init the whole stack runs to create the weights).
     """
 
     width: int
@@ -480,6 +481,8 @@ class Transformer(nn.Module):
             param_dtype=self.param_dtype,
             cache_length=self.cache_length,
         )
+        if self.scan_layers and rows is not None and self.layers > 1 and not self.is_initializing():
+            return self._scan_then_last_block_at_rows(block(**kwargs, parent=None), x, mask, rows)
         if self.scan_layers:
             scanned = nn.scan(
                 block,
@@ -495,3 +498,21 @@ class Transformer(nn.Module):
             last_rows = rows if i == self.layers - 1 else None
             x, _ = block(name=f"resblocks_{i}", **kwargs)(x, mask[i] if self.per_layer_mask else mask, last_rows)
         return x if rows is None else x[:, 0]  # the last block kept one row per example
+
+    def _scan_then_last_block_at_rows(self, layer: nn.Module, x: jax.Array, mask: jax.Array | None,
+                                      rows: jax.Array) -> jax.Array:
+        """The scanned stack's weights (`resblocks`, leading layer axis) run as the unrolled stack runs
+        them with `rows`: the first layers - 1 blocks in a loop, the last block at `rows` alone. The
+        loop's body is `layer` (a detached block) applied to one layer's slice of the stored weights."""
+        stacked = nn.meta.unbox(self.variables["params"]["resblocks"])
+        per_layer = self.per_layer_mask
+
+        def body(h, slices):
+            params, layer_mask = slices
+            return layer.apply({"params": params}, h, layer_mask if per_layer else mask)[0], None
+
+        first = jax.tree.map(lambda a: a[:-1], stacked)
+        x, _ = jax.lax.scan(body, x, (first, mask[:-1] if per_layer else None))
+        last = jax.tree.map(lambda a: a[-1], stacked)
+        out, _ = layer.apply({"params": last}, x, mask[-1] if per_layer else mask, rows)
+        return out[:, 0]

@@ -221,6 +221,15 @@ def test_rows_equal_the_full_stack_at_those_positions(mask_kind, stack):
         flops = lambda f: jax.jit(f).lower(x).compile().cost_analysis()["flops"]  # noqa: E731
         every_row = flops(lambda x: unscanned.apply({"params": params}, x, mask)[:, 0])
         assert flops(lambda x: unscanned.apply({"params": params}, x, mask, rows=rows)) < 0.9 * every_row
+    if stack == "scanned":  # the loop runs layers - 1 blocks; after it, no MLP over every position
+        jaxpr = jax.make_jaxpr(lambda x: model.apply(variables, x, mask, rows=rows))(x).jaxpr
+        assert [e.params["length"] for e in _all_eqns(jaxpr) if e.primitive.name == "scan"] == [layers - 1]
+        outside = [e for e in jaxpr.eqns if e.primitive.name != "scan"]
+        outside = [e for top in outside for e in [top, *(s for sub in jax.extend.core.jaxprs_in_params(top.params)
+                                                          for s in _all_eqns(sub))]]
+        wide = [e for e in outside if e.primitive.name == "dot_general"
+                and e.outvars[0].aval.shape[:2] == (B, length) and e.outvars[0].aval.shape[-1] == 2 * D]
+        assert not wide, "the last block's MLP ran over every position"
 
 
 def test_per_layer_mask_needs_one_mask_per_layer():

@@ -144,7 +144,8 @@ def run(settings: Settings) -> Section:
     return Section("CLIP training step", f"{model}, batch {batch_size} on one device, {repeats} timed steps; first-step "
                    "losses checked equal on the same initial weights. The first row unrolls the layer stacks "
                    "(`model.scan_layers=False`), the second scans them as the recipes do by default (faster "
-                   "compiles for deep stacks; on 2-layer CPU models the loop's slicing costs more than it saves).",
+                   "compiles for deep stacks; the loop runs all blocks but the last, which runs at the pooled rows "
+                   "alone as unrolled).",
                    results,
                    # On a CPU the rows' roofline lines give the achieved FLOP/s against the measured peak.
                    [f"XLA cost analysis of the unrolled step: {flops / 1e9:.2f} GFLOP per step"
