@@ -13,8 +13,10 @@ from common import optim, sharding
 from common.trainer import Trainer, TrainerConfig
 
 BASE = decode_variant("ViT-B/32")
-TINY = CLIPConfig(32, dataclasses.replace(BASE.vision, image_size=32, patch_size=8, width=64, layers=2, heads=2),
-                  dataclasses.replace(BASE.text, width=32, layers=2, heads=2, context_length=16))
+# Three layers: a scanned stack loops over all blocks but the last (that one runs at the pooled rows alone);
+# with two the loop holds one block, and what remat saves there is lost in XLA's buffer assignment.
+TINY = CLIPConfig(32, dataclasses.replace(BASE.vision, image_size=32, patch_size=8, width=64, layers=3, heads=2),
+                  dataclasses.replace(BASE.text, width=32, layers=3, heads=2, context_length=16))
 BATCH = 32
 
 
