@@ -87,6 +87,7 @@ def _measure(name: str, config, batch: dict, reference_factory, flops: float | N
     batch_size = len(batch["text"])
     with tempfile.TemporaryDirectory() as workdir:
         trainer, step, mesh, own_flops = _trainer_step(config, batch, workdir, count_flops=flops is None)
+        flops = flops or own_flops
         variables = jax.device_get({"params": nn.meta.unbox(trainer.state.params)})
         state = trainer.state
 
@@ -100,9 +101,9 @@ def _measure(name: str, config, batch: dict, reference_factory, flops: float | N
         row = compare(name, "examples/s", batch_size, ours, reference,
                       check=lambda o, r: max_abs_diff(float(o), r, rtol=1e-4, atol=1e-4),
                       target=None if reference is None else target, repeats=repeats, batch=batch_size,
-                      scan_layers=bool(config.model.scan_layers), flops_per_step=flops or own_flops)
+                      scan_layers=bool(config.model.scan_layers), flops_per_step=flops)
         trainer.close()
-    return row, flops or own_flops
+    return row, flops
 
 
 def run(settings: Settings) -> Section:
@@ -138,7 +139,7 @@ def run(settings: Settings) -> Section:
     if device_peak is not None:
         results.append(Result("CLIP train step MFU", "% of bf16 peak", 100 * achieved / device_peak[0], None,
                               TARGET_MFU, detail={"achieved_flops_per_s": achieved, "peak_flops_per_s": device_peak[0]}))
-    model = (f"{config.model.variant} {config.model.dtype}" if settings.accelerator and not settings.toy else
+    model = (f"{config.model.variant} {config.model.dtype}" if settings.accelerator_sizes else
              "smoke CLIP (32px ViT patch 8, width 64, 2+2 layers, context 16), "
              + ("fp32" if config.model.dtype == "float32" else config.model.dtype))
     return Section("CLIP training step", f"{model}, batch {batch_size} on one device, {repeats} timed steps; first-step "

@@ -75,8 +75,8 @@ def _one_grid(base: DALLEConfig, side: int, batch: int, settings: Settings) -> l
 
 
 def run(settings: Settings) -> Section:
-    base = ACCELERATOR_MODEL if settings.accelerator and not settings.toy else CPU_MODEL
-    batch = 16 if settings.accelerator and not settings.toy else 4
+    base = ACCELERATOR_MODEL if settings.accelerator_sizes else CPU_MODEL
+    batch = 16 if settings.accelerator_sizes else 4
     sides = (4,) if settings.toy else (16, 32)
     results = [r for side in sides for r in _one_grid(base, side, batch, settings)]
     notes = [f"{r.name}: cached temp {r.detail['cached_temp_mib']:.1f} MiB, recompute temp "

@@ -38,6 +38,11 @@ class Settings:
     toy: bool = False  # tiny sizes: checks the runner end to end (tests), numbers mean nothing
     peak_flops_per_s: float | None = None  # a CPU's measured attainable fp32 peak (peaks.measure_cpu_peak)
 
+    @property
+    def accelerator_sizes(self) -> bool:
+        """A GPU or TPU run at full sizes (a toy run keeps the CPU's small models there too)."""
+        return self.accelerator and not self.toy
+
     def cpu_target(self, target: float) -> float | None:
         """`target` for a row whose PyTorch reference runs on the host CPU: issue 12 sets those ratios
         for CPU runs, ours and the reference on the same cores. None on an accelerator, where ours runs
